@@ -1,0 +1,8 @@
+"""diffusers-gaq: post-training quantization of diffusers pipelines with gradient-aligned calibration."""
+
+from .config import GradientAlignedQuantizer
+from .pipeline import quantize_pipeline
+
+__version__ = "0.1.0"
+
+__all__ = ["GradientAlignedQuantizer", "quantize_pipeline", "__version__"]

@@ -1,0 +1,141 @@
+"""Calibrate a wrapped model unit by unit: the data flow of DESIGN.md section 2.
+
+For every reconstruction unit, in forward order: capture its FP output and its input inside
+the partly quantized model, initialise its quantizers, learn sample weights (gradient-aligned
+weighting), reconstruct, harden the rounding, and move on with the unit quantized.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import GradientAlignedQuantizer
+from ..models.wrap import reconstruction_units, set_quant_state
+from .capture import capture_unit
+from .data import CalibrationData
+from .diagnostics import cosine_matrix, group_gradients, per_step_loss
+from .reconstruction import UnitProblem, harden, init_quantizers, reconstruct, start_rounding
+from .weighting import learn_scores, sample_weights
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class UnitReport:
+    """What happened to one reconstruction unit."""
+
+    name: str
+    seconds: float = 0.0
+    meta_seconds: float = 0.0
+    loss_init: float = float("nan")  # training loss at round-to-nearest, before reconstruction
+    loss_final: float = float("nan")
+    val_loss_init: float = float("nan")
+    val_loss_final: float = float("nan")
+    omega: torch.Tensor | None = None  # weight of every training sample
+    step_loss_init: torch.Tensor | None = None  # mean loss per calibration timestep
+    step_loss_final: torch.Tensor | None = None
+    conflict_before: torch.Tensor | None = None  # T x T cosine of group gradients, uniform weights
+    conflict_after: torch.Tensor | None = None  # the same with the learned weights
+    fallback: str | None = None
+
+
+@dataclass
+class CalibrationReport:
+    units: list[UnitReport] = field(default_factory=list)
+    train_timesteps: torch.Tensor | None = None  # model timestep of each training sample
+    train_step_index: torch.Tensor | None = None
+    data_seconds: float = 0.0
+    calibration_seconds: float = 0.0
+
+    def summary(self) -> dict:
+        return {
+            "data_seconds": round(self.data_seconds, 2),
+            "calibration_seconds": round(self.calibration_seconds, 2),
+            "units": [
+                {k: (round(v, 6) if isinstance(v, float) else v) for k, v in u.__dict__.items()
+                 if not isinstance(v, torch.Tensor) and v is not None}
+                for u in self.units
+            ],
+        }
+
+
+def _split_groups(data: CalibrationData, idx: torch.Tensor) -> list[torch.Tensor]:
+    return [idx[data.group[idx] == g] for g in range(data.num_groups)]
+
+
+def calibrate_model(model: nn.Module, family, data: CalibrationData, config: GradientAlignedQuantizer,
+                    progress: bool = True, record_conflict: bool = False, hooks=None,
+                    start_unit: int = 0, scores: torch.Tensor | None = None, on_unit_done=None) -> CalibrationReport:
+    """Quantize ``model`` (already wrapped) in place. ``hooks`` (distributed averaging), ``start_unit``,
+    ``scores`` and ``on_unit_done(index, scores, report)`` (checkpointing) let callers resume."""
+    device = next(model.parameters()).device
+    units = reconstruction_units(model, family)
+    train_idx, val_idx = data.train_indices, data.val_indices
+    val_groups = _split_groups(data, val_idx)
+    train_groups = [torch.nonzero(data.group[train_idx] == g).flatten() for g in range(data.num_groups)]
+    report = CalibrationReport(train_timesteps=data.timesteps[train_idx].clone(),
+                               train_step_index=data.step_index[train_idx].clone())
+    scores = torch.zeros(len(train_idx)) if scores is None else scores
+    bs = max(config.recon_batch_size, config.calibration_batch_size)
+    gradient_aligned = config.method == "reconstruction" and config.weighting == "gradient_aligned"
+    start = time.perf_counter()
+    bar = tqdm(units, desc=f"calibrating {config.tag}", disable=not progress)
+    for b, (name, unit) in enumerate(bar):
+        if b < start_unit:
+            continue
+        t0 = time.perf_counter()
+        rep = UnitReport(name)
+        # FP target: the whole model in full precision. Input: earlier units quantized, this one not yet.
+        set_quant_state(model, weight=False, act=False)
+        targets = capture_unit(model, unit, data, family, bs, "output", device=device)
+        for _, done in units[:b]:
+            set_quant_state(done, weight=True, act=bool(config.act_bits))
+        inputs = capture_unit(model, unit, data, family, bs, "inputs", device=device)
+        problem = UnitProblem(name, unit, inputs, targets, device)
+        init_quantizers(problem, train_idx, config)
+        rep.loss_init = problem.mean_loss(train_idx, bs)
+        rep.val_loss_init = problem.mean_loss(val_idx, bs)
+        rep.step_loss_init = per_step_loss(problem, train_idx, data.step_index, bs)
+        omega = torch.ones(len(train_idx))
+        if config.method == "reconstruction":
+            start_rounding(problem)
+            theta = [p for ps in problem.trainable_params(config).values() for p in ps]
+            if gradient_aligned and config.meta_iters > 0:
+                tm = time.perf_counter()
+                init_scores = scores if config.carry_scores else torch.zeros(len(train_idx))
+                gen = torch.Generator().manual_seed(config.seed * 1009 + 2 * b + 1)
+                scores, _ = learn_scores(problem, init_scores, train_idx, val_groups, config, gen, progress,
+                                         grad_hook=hooks.average_tensor if hooks else None)
+                scores = scores.cpu()
+                omega = sample_weights(scores, config.tau)
+                rep.meta_seconds = time.perf_counter() - tm
+            if record_conflict:
+                groups = [train_idx[g] for g in train_groups]
+                rep.conflict_before = cosine_matrix(group_gradients(problem, theta, groups))
+                weights = [omega[g] for g in train_groups]
+                rep.conflict_after = cosine_matrix(group_gradients(problem, theta, groups, weights))
+            gen = torch.Generator().manual_seed(config.seed * 1009 + 2 * b)
+            reconstruct(problem, train_idx, omega, config, gen, progress,
+                        step_hook=hooks.average_grads if hooks else None)
+        harden(problem)
+        set_quant_state(unit, weight=True, act=bool(config.act_bits))
+        rep.omega = omega.clone()
+        rep.loss_final = problem.mean_loss(train_idx, bs)
+        rep.val_loss_final = problem.mean_loss(val_idx, bs)
+        rep.step_loss_final = per_step_loss(problem, train_idx, data.step_index, bs)
+        rep.seconds = time.perf_counter() - t0
+        report.units.append(rep)
+        logger.info("%s: loss %.4g -> %.4g (val %.4g -> %.4g) in %.1fs", name, rep.loss_init, rep.loss_final,
+                    rep.val_loss_init, rep.val_loss_final, rep.seconds)
+        bar.set_postfix(unit=name, loss=f"{rep.loss_final:.3g}")
+        if on_unit_done is not None:
+            on_unit_done(b, scores, report)
+    set_quant_state(model, weight=True, act=bool(config.act_bits))
+    report.calibration_seconds = time.perf_counter() - start
+    return report

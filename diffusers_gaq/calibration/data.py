@@ -1,0 +1,180 @@
+"""Calibration data: model inputs x_t taken from the full-precision sampling trajectory.
+
+n trajectories are sampled with deterministic DDIM (eta = 0); at S of the K sampling steps
+(fixed intervals, or PTQ4DM's normal schedule) the UNet input is kept with its timestep. Each
+trajectory's initial noise comes from its own seed, so the set does not depend on batching or
+on how trajectories are split between processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import GradientAlignedQuantizer
+
+logger = logging.getLogger(__name__)
+
+
+def calibration_step_positions(config: GradientAlignedQuantizer) -> list[int]:
+    """Positions (0 = first, noisiest sampling step) of the S kept steps among K."""
+    k, s = config.num_inference_steps, config.num_calibration_timesteps
+    if config.timestep_schedule == "uniform":
+        return sorted({int(round(p)) for p in np.linspace(0, k - 1, s)})
+    # PTQ4DM: calibration timesteps drawn from a normal distribution over the trajectory
+    # (centre of the trajectory, std a quarter of it), distinct, clipped to it.
+    rng = np.random.default_rng(config.seed)
+    chosen: set[int] = set()
+    while len(chosen) < s:
+        chosen.add(int(np.clip(round(rng.normal(0.5 * (k - 1), 0.25 * k)), 0, k - 1)))
+    return sorted(chosen)
+
+
+def trajectory_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index) % (2**63 - 1)
+
+
+@dataclass
+class CalibrationData:
+    """N calibration samples (N = S * n); sample i = step_index[i] * n + trajectory."""
+
+    samples: torch.Tensor  # [N, C, H, W] model inputs x_t
+    timesteps: torch.Tensor  # [N] model timestep values
+    step_index: torch.Tensor  # [N] 0..S-1, in sampling order
+    group: torch.Tensor  # [N] 0..T-1, consecutive step groups ("tasks")
+    is_val: torch.Tensor  # [N] held-out validation samples (equal count per step)
+    conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def train_indices(self) -> torch.Tensor:
+        return torch.nonzero(~self.is_val).flatten()
+
+    @property
+    def val_indices(self) -> torch.Tensor:
+        return torch.nonzero(self.is_val).flatten()
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group.max()) + 1
+
+    def val_groups(self) -> list[torch.Tensor]:
+        val = self.val_indices
+        return [val[self.group[val] == g] for g in range(self.num_groups)]
+
+    def check(self, in_channels: int | None = None, sample_size: int | None = None) -> None:
+        """Shape, consistency and finiteness checks, with messages that say what is wrong."""
+        n = len(self.samples)
+        if self.samples.dim() != 4:
+            raise ValueError(f"calibration samples must be [N, C, H, W], got shape {tuple(self.samples.shape)}")
+        for name in ("timesteps", "step_index", "group", "is_val"):
+            t = getattr(self, name)
+            if t.shape != (n,):
+                raise ValueError(f"calibration data field {name} has shape {tuple(t.shape)}, expected ({n},)")
+        if in_channels is not None and self.samples.shape[1] != in_channels:
+            raise ValueError(f"calibration samples have {self.samples.shape[1]} channels; the model expects {in_channels}")
+        if sample_size is not None and tuple(self.samples.shape[2:]) != (sample_size, sample_size):
+            raise ValueError(f"calibration samples are {tuple(self.samples.shape[2:])}; the model expects "
+                             f"{sample_size}x{sample_size}")
+        bad = ~torch.isfinite(self.samples).flatten(1).all(1)
+        if bad.any():
+            raise ValueError(f"calibration data holds NaN/Inf in {int(bad.sum())} of {n} samples "
+                             f"(first: {int(torch.nonzero(bad)[0])}); regenerate it with the full-precision pipeline")
+        if int(self.is_val.sum()) == 0 or bool(self.is_val.all()):
+            raise ValueError("calibration data needs both training and validation samples (check val_fraction)")
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out = {k: getattr(self, k) for k in ("samples", "timesteps", "step_index", "group", "is_val")}
+        out.update({f"conditioning.{k}": v for k, v in self.conditioning.items()})
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "CalibrationData":
+        cond = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("conditioning.")}
+        return cls(t["samples"], t["timesteps"], t["step_index"], t["group"], t["is_val"].bool(), cond)
+
+    def save(self, path: str | Path) -> None:
+        from ..utils import atomic_save_safetensors
+
+        atomic_save_safetensors(self.to_tensors(), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationData":
+        from safetensors.torch import load_file
+
+        return cls.from_tensors(load_file(str(path)))
+
+
+def assign_splits(config: GradientAlignedQuantizer, num_steps: int, n: int):
+    """step_index, group and is_val for N = num_steps * n samples."""
+    step_index = torch.arange(num_steps).repeat_interleave(n)
+    group = step_index * config.num_groups // num_steps
+    # Hold out the same trajectories at every step: a seeded choice of val_per_timestep of n.
+    gen = torch.Generator().manual_seed(config.seed)
+    val_traj = torch.randperm(n, generator=gen)[: config.val_per_timestep]
+    is_val = torch.zeros(n, dtype=torch.bool)
+    is_val[val_traj] = True
+    return step_index, group, is_val.repeat(num_steps)
+
+
+@torch.no_grad()
+def sample_trajectories(unet, scheduler, family, config: GradientAlignedQuantizer, trajectory_ids,
+                        positions: list[int], device: torch.device, progress: bool = True):
+    """Run DDIM (eta = 0) for the given trajectories; return [S, len(ids), C, H, W] inputs and [S] timesteps."""
+    scheduler.set_timesteps(config.num_inference_steps)
+    timesteps = scheduler.timesteps
+    keep = {p: i for i, p in enumerate(positions)}
+    c, s = unet.config.in_channels, unet.config.sample_size
+    ids = list(trajectory_ids)
+    out = torch.empty(len(positions), len(ids), c, s, s)
+    bs = config.calibration_batch_size
+    batches = range(0, len(ids), bs)
+    bar = tqdm(total=len(batches) * len(timesteps), desc="calibration trajectories", disable=not progress, leave=False)
+    for start in batches:
+        chunk = ids[start : start + bs]
+        x = torch.stack([torch.randn(c, s, s, generator=torch.Generator().manual_seed(trajectory_seed(config.seed, j)))
+                         for j in chunk]).to(device)
+        for pos, t in enumerate(timesteps):
+            if pos in keep:
+                out[keep[pos], start : start + len(chunk)] = x.cpu()
+            eps = family.forward(unet, x, t.expand(len(chunk)).to(device))
+            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+            bar.update(1)
+            if pos >= positions[-1]:
+                bar.update(len(timesteps) - pos - 1)
+                break  # later steps are never kept
+    bar.close()
+    return out, timesteps[positions]
+
+
+def collect_calibration_data(unet, scheduler_config, family, config: GradientAlignedQuantizer,
+                             device: torch.device | None = None, progress: bool = True,
+                             trajectory_ids=None, gather=None) -> CalibrationData:
+    """Sample the FP model's DDIM trajectories and keep S steps of n trajectories each.
+
+    ``trajectory_ids`` / ``gather`` let several processes each sample a shard and gather the
+    result; by default one process samples all n."""
+    from diffusers import DDIMScheduler
+
+    device = device or next(unet.parameters()).device
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    positions = calibration_step_positions(config)
+    n = config.samples_per_timestep
+    ids = list(range(n)) if trajectory_ids is None else list(trajectory_ids)
+    logger.info("calibration data: %d trajectories x %d steps (positions %s of %d)", n, len(positions),
+                positions, config.num_inference_steps)
+    xs, ts = sample_trajectories(unet, scheduler, family, config, ids, positions, device, progress)
+    if gather is not None:
+        xs = gather(xs)  # [S, n, C, H, W] in trajectory order
+    step_index, group, is_val = assign_splits(config, len(positions), n)
+    samples = xs.reshape(len(positions) * n, *xs.shape[2:]).contiguous()
+    data = CalibrationData(samples, ts.long().repeat_interleave(n), step_index, group, is_val)
+    data.check()
+    return data

@@ -1,0 +1,157 @@
+"""Block-wise reconstruction (BRECQ / Q-Diffusion) with per-sample weights.
+
+For one unit: initialise its quantizers (weight scales by MSE search, activation ranges by an
+EMA of min/max), then minimise  mean_i omega_i * L_i(theta) + lambda * R(V)  over AdaRound's V
+and the activation step sizes, where L_i is the squared error between the FP unit output and the
+quantized unit output for sample i, the quantized unit fed with the quantized model's input.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from ..config import GradientAlignedQuantizer
+from ..models.wrap import set_observing, set_quant_state
+from ..quant.layers import QuantAttentionCore, QuantLayer
+from .capture import UnitInputs
+
+logger = logging.getLogger(__name__)
+
+
+def per_sample_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over channels, averaged over the rest: one value per sample (BRECQ's scale)."""
+    err = (output - target).pow(2)
+    if err.dim() == 1:
+        return err
+    return err.sum(1).flatten(1).mean(1) if err.dim() > 2 else err.sum(1)
+
+
+class UnitProblem:
+    """A unit with its captured quantized-model inputs and FP targets."""
+
+    def __init__(self, name: str, unit: nn.Module, inputs: UnitInputs, targets: torch.Tensor, device: torch.device):
+        self.name, self.unit, self.inputs, self.targets, self.device = name, unit, inputs, targets, device
+        self.layers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
+        self.cores = [m for m in unit.modules() if isinstance(m, QuantAttentionCore)]
+
+    def losses(self, idx: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        args, kwargs = self.inputs.select(idx, self.device)
+        if params is None:
+            out = self.unit(*args, **kwargs)
+        else:
+            out = functional_call(self.unit, params, args, kwargs, strict=False)
+        return per_sample_loss(out, self.targets[idx].to(self.device))
+
+    @torch.no_grad()
+    def mean_loss(self, idx: torch.Tensor, batch_size: int) -> float:
+        if len(idx) == 0:
+            return float("nan")
+        total = sum(self.losses(idx[i : i + batch_size]).sum().item() for i in range(0, len(idx), batch_size))
+        return total / len(idx)
+
+    @torch.no_grad()
+    def per_sample_losses(self, idx: torch.Tensor, batch_size: int) -> torch.Tensor:
+        return torch.cat([self.losses(idx[i : i + batch_size]).cpu() for i in range(0, len(idx), batch_size)])
+
+    def act_quantizers(self):
+        qs = [q for layer in self.layers for q in layer.act_quantizers()]
+        return qs + [q for core in self.cores for q in core.act_quantizers()]
+
+    def trainable_params(self, config: GradientAlignedQuantizer) -> dict[str, list[nn.Parameter]]:
+        """AdaRound's V of every layer, and the activation step sizes when they are learned."""
+        rounding = [layer.weight_quantizer.alpha for layer in self.layers
+                    if layer.weight_quantizer is not None and layer.weight_quantizer.alpha is not None]
+        steps = [q.scale for q in self.act_quantizers()] if config.learn_act_scale and config.act_bits else []
+        return {"rounding": rounding, "steps": steps}
+
+    def named_trainable(self, config: GradientAlignedQuantizer) -> dict[str, nn.Parameter]:
+        wanted = {id(p) for ps in self.trainable_params(config).values() for p in ps}
+        return {n: p for n, p in self.unit.named_parameters() if id(p) in wanted}
+
+
+@torch.no_grad()
+def init_quantizers(problem: UnitProblem, idx: torch.Tensor, config: GradientAlignedQuantizer) -> None:
+    """Weight scales from the weights; activation ranges observed over the calibration inputs."""
+    for layer in problem.layers:
+        if layer.weight_quantizer is not None:
+            layer.weight_quantizer.calibrate(layer.layer.weight)
+    set_quant_state(problem.unit, weight=True, act=bool(config.act_bits))
+    if config.act_bits:
+        set_observing(problem.unit, True)
+        for i in range(0, len(idx), config.recon_batch_size):
+            problem.losses(idx[i : i + config.recon_batch_size])
+        set_observing(problem.unit, False)
+        for q in problem.act_quantizers():
+            q.finalize()
+
+
+def beta_schedule(step: int, total: int, config: GradientAlignedQuantizer) -> float | None:
+    """None during the warm-up (no regulariser), then beta annealed linearly start -> end."""
+    warm = int(config.round_warmup * total)
+    if step < warm:
+        return None
+    frac = (step - warm) / max(1, total - warm)
+    return config.beta_end + (config.beta_start - config.beta_end) * max(0.0, 1.0 - frac)
+
+
+def start_rounding(problem: UnitProblem) -> None:
+    for layer in problem.layers:
+        if layer.weight_quantizer is not None:
+            layer.weight_quantizer.start_adaround(layer.layer.weight)
+
+
+def harden(problem: UnitProblem) -> None:
+    for layer in problem.layers:
+        if layer.weight_quantizer is not None:
+            layer.weight_quantizer.harden(layer.layer.weight)
+
+
+def reconstruct(problem: UnitProblem, train_idx: torch.Tensor, omega: torch.Tensor, config: GradientAlignedQuantizer,
+                generator: torch.Generator, progress: bool = True, step_hook=None) -> list[float]:
+    """Minimise the omega-weighted reconstruction loss plus AdaRound's regulariser; returns the loss curve.
+
+    ``omega`` holds one weight per entry of ``train_idx``. ``step_hook(params)`` runs after each
+    backward pass and before the optimizer step (several processes average gradients there)."""
+    groups = problem.trainable_params(config)
+    param_groups = [{"params": groups["rounding"], "lr": config.weight_lr}]
+    if groups["steps"]:
+        for p in groups["steps"]:
+            p.requires_grad_(True)
+        param_groups.append({"params": groups["steps"], "lr": config.act_lr})
+    params = [p for g in param_groups for p in g["params"]]
+    if not params or config.recon_iters == 0:
+        return []
+    opt = torch.optim.Adam(param_groups)
+    omega = omega.to(problem.device)
+    curve = []
+    bar = tqdm(range(config.recon_iters), desc=f"reconstruct {problem.name}", disable=not progress, leave=False)
+    for step in bar:
+        pick = torch.randint(0, len(train_idx), (min(config.recon_batch_size, len(train_idx)),), generator=generator)
+        rec = (omega[pick] * problem.losses(train_idx[pick])).mean()
+        loss = rec
+        beta = beta_schedule(step, config.recon_iters, config)
+        if beta is not None and groups["rounding"]:
+            reg = sum(layer.weight_quantizer.regularizer(beta) for layer in problem.layers
+                      if layer.weight_quantizer is not None and layer.weight_quantizer.alpha is not None)
+            loss = loss + config.round_reg_weight * reg
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"reconstruction loss of unit {problem.name} became {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if step_hook is not None:
+            step_hook(params)
+        opt.step()
+        curve.append(rec.item())
+        if step % 20 == 0:
+            bar.set_postfix(rec=f"{rec.item():.4g}")
+    for p in groups["steps"]:
+        p.requires_grad_(False)
+    return curve
+
+
+__all__ = ["UnitProblem", "init_quantizers", "reconstruct", "start_rounding", "harden", "per_sample_loss"]

@@ -1,0 +1,214 @@
+"""``GradientAlignedQuantizer``: every knob of a quantization run, validated, with a JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+CONFIG_NAME = "quantization_config.json"
+
+_CHOICES = {
+    "weight_granularity": ("per_channel", "per_tensor"),
+    "weight_init": ("mse", "minmax"),
+    "timestep_schedule": ("uniform", "normal"),
+    "method": ("reconstruction", "minmax"),
+    "weighting": ("gradient_aligned", "uniform"),
+}
+
+
+@dataclass
+class GradientAlignedQuantizer:
+    """Configuration of post-training quantization with gradient-aligned calibration.
+
+    Bit widths
+        weight_bits: 2-8. act_bits: 4-16, or None for weight-only quantization.
+    Weights
+        weight_granularity "per_channel" | "per_tensor"; weight_symmetric; weight_init "mse" | "minmax".
+    Activations
+        act_symmetric; act_ema_momentum (EMA of min/max over the calibration set);
+        learn_act_scale (LSQ step sizes during reconstruction).
+    Model
+        split_shortcut (separate quantizers for the two halves of skip concatenations);
+        quantize_attention (q, k, v and softmax probabilities); keep_fp (fnmatch patterns of
+        module names kept in full precision, e.g. "conv_out" or "time_embedding.*").
+    Calibration data
+        num_inference_steps of the DDIM trajectories; num_calibration_timesteps (S) kept per
+        trajectory; samples_per_timestep (n); timestep_schedule "uniform" (fixed intervals) or
+        "normal" (PTQ4DM); calibration_batch_size for sampling the trajectories.
+    Reconstruction
+        method "reconstruction" (AdaRound + LSQ, block by block) | "minmax" (round-to-nearest);
+        recon_iters, recon_batch_size, weight_lr (AdaRound V), act_lr (step sizes),
+        round_reg_weight (lambda), round_warmup (fraction without regulariser), beta_start/beta_end.
+    Sample weights (the paper's Algorithms 1-2)
+        weighting "gradient_aligned" | "uniform"; val_fraction held out per timestep; num_groups
+        (T, consecutive timestep groups); tau (softmax temperature); meta_iters, meta_batch_size,
+        inner_lr (eta of the virtual step), meta_lr (Adam on the scores); carry_scores (whether
+        scores carry over from block to block).
+    Run
+        seed; device (None: cuda when available, else cpu).
+    """
+
+    weight_bits: int = 4
+    act_bits: int | None = 8
+    weight_granularity: str = "per_channel"
+    weight_symmetric: bool = False
+    weight_init: str = "mse"
+    act_symmetric: bool = False
+    act_ema_momentum: float = 0.95
+    learn_act_scale: bool = True
+    split_shortcut: bool = True
+    quantize_attention: bool = True
+    keep_fp: tuple[str, ...] = ()
+
+    num_inference_steps: int = 50
+    num_calibration_timesteps: int = 10
+    samples_per_timestep: int = 32
+    timestep_schedule: str = "uniform"
+    calibration_batch_size: int = 64
+
+    method: str = "reconstruction"
+    recon_iters: int = 200
+    recon_batch_size: int = 32
+    weight_lr: float = 1e-2
+    act_lr: float = 1e-3
+    round_reg_weight: float = 0.01
+    round_warmup: float = 0.2
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+
+    weighting: str = "gradient_aligned"
+    val_fraction: float = 0.05
+    num_groups: int = 5
+    tau: float = 1.0
+    meta_iters: int = 20
+    meta_batch_size: int = 32
+    inner_lr: float = 1e-2
+    meta_lr: float = 0.1
+    carry_scores: bool = False
+
+    seed: int = 0
+    device: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.keep_fp, str):
+            self.keep_fp = (self.keep_fp,)
+        self.keep_fp = tuple(self.keep_fp)
+        self.validate()
+
+    # ---- validation -------------------------------------------------------------------------
+    def _fail(self, name: str, allowed: str):
+        raise ValueError(f"GradientAlignedQuantizer.{name}={getattr(self, name)!r} is invalid: expected {allowed}")
+
+    def _int(self, name: str, lo: int, hi: int | None = None, none_ok: bool = False):
+        v = getattr(self, name)
+        if v is None and none_ok:
+            return
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+        if not ok:
+            self._fail(name, f"an integer in [{lo}, {hi if hi is not None else 'inf'}]" + (" or None" if none_ok else ""))
+
+    def _float(self, name: str, lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+        v = getattr(self, name)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+        if not ok:
+            lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+            self._fail(name, f"a finite number in {lb}{lo}, {hi if hi is not None else 'inf'}{rb}")
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field, its value and the allowed range."""
+        self._int("weight_bits", 2, 8)
+        self._int("act_bits", 4, 16, none_ok=True)
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                self._fail(name, "one of " + ", ".join(repr(c) for c in choices))
+        for name in ("weight_symmetric", "act_symmetric", "learn_act_scale", "split_shortcut",
+                     "quantize_attention", "carry_scores"):
+            if not isinstance(getattr(self, name), bool):
+                self._fail(name, "True or False")
+        if not all(isinstance(p, str) and p for p in self.keep_fp):
+            self._fail("keep_fp", "a list of non-empty module-name patterns")
+        self._float("act_ema_momentum", 0.0, 1.0, hi_open=True)
+        self._int("num_inference_steps", 2, 10_000)
+        self._int("num_calibration_timesteps", 1, self.num_inference_steps)
+        self._int("samples_per_timestep", 1)
+        self._int("calibration_batch_size", 1)
+        self._int("recon_iters", 0)
+        self._int("recon_batch_size", 1)
+        self._float("weight_lr", 0.0, lo_open=True)
+        self._float("act_lr", 0.0)
+        self._float("round_reg_weight", 0.0)
+        self._float("round_warmup", 0.0, 1.0, hi_open=True)
+        self._float("beta_start", 0.0, lo_open=True)
+        self._float("beta_end", 0.0, lo_open=True)
+        self._float("val_fraction", 0.0, 0.5, hi_open=True)
+        self._int("num_groups", 1)
+        if self.num_groups > self.num_calibration_timesteps:
+            self._fail("num_groups", f"at most num_calibration_timesteps ({self.num_calibration_timesteps})")
+        self._float("tau", 0.0, lo_open=True)
+        self._int("meta_iters", 0)
+        self._int("meta_batch_size", 1)
+        self._float("inner_lr", 0.0)
+        self._float("meta_lr", 0.0)
+        self._int("seed", 0, 2**32 - 1)
+        if self.device is not None and not isinstance(self.device, str):
+            self._fail("device", "None, 'cpu', 'cuda' or 'cuda:N'")
+        if self.weighting == "gradient_aligned" and self.method == "minmax":
+            raise ValueError("weighting='gradient_aligned' needs method='reconstruction' "
+                             "(min-max quantization has no calibration loss to weight); set weighting='uniform'")
+
+    # ---- derived ----------------------------------------------------------------------------
+    @property
+    def val_per_timestep(self) -> int:
+        """Validation samples held out per timestep (at least one when val_fraction > 0)."""
+        if self.val_fraction == 0:
+            return 0
+        return max(1, round(self.val_fraction * self.samples_per_timestep))
+
+    @property
+    def tag(self) -> str:
+        return f"w{self.weight_bits}a{self.act_bits if self.act_bits else 32}"
+
+    # ---- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["keep_fp"] = list(self.keep_fp)
+        d["quant_method"] = "gaq"
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GradientAlignedQuantizer":
+        data = dict(data)
+        data.pop("quant_method", None)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown GradientAlignedQuantizer field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        from .utils import atomic_write_text
+
+        atomic_write_text(path, self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "GradientAlignedQuantizer":
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_dict(data.get("config", data) if isinstance(data, dict) else data)
+
+    def replace(self, **changes) -> "GradientAlignedQuantizer":
+        return dataclasses.replace(self, **changes)
+
+
+__all__ = ["GradientAlignedQuantizer", "CONFIG_NAME"]
