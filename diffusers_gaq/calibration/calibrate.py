@@ -70,9 +70,9 @@ def _split_groups(data: CalibrationData, idx: torch.Tensor) -> list[torch.Tensor
 
 
 def calibrate_model(model: nn.Module, family, data: CalibrationData, config: GradientAlignedQuantizer,
-                    progress: bool = True, record_conflict: bool = False, hooks=None,
+                    progress: bool = True, record_conflict: bool = False, dist=None,
                     start_unit: int = 0, scores: torch.Tensor | None = None, on_unit_done=None) -> CalibrationReport:
-    """Quantize ``model`` (already wrapped) in place. ``hooks`` (distributed averaging), ``start_unit``,
+    """Quantize ``model`` (already wrapped) in place. ``dist`` (several processes, distributed.py), ``start_unit``,
     ``scores`` and ``on_unit_done(index, scores, report)`` (checkpointing) let callers resume."""
     device = next(model.parameters()).device
     units = reconstruction_units(model, family)
@@ -111,7 +111,7 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
                 init_scores = scores if config.carry_scores else torch.zeros(len(train_idx))
                 gen = torch.Generator().manual_seed(config.seed * 1009 + 2 * b + 1)
                 scores, _ = learn_scores(problem, init_scores, train_idx, val_groups, config, gen, progress,
-                                         grad_hook=hooks.average_tensor if hooks else None)
+                                         grad_hook=dist.average_tensor if dist else None)
                 scores = scores.cpu()
                 omega = sample_weights(scores, config.tau)
                 rep.meta_seconds = time.perf_counter() - tm
@@ -121,8 +121,7 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
                 weights = [omega[g] for g in train_groups]
                 rep.conflict_after = cosine_matrix(group_gradients(problem, theta, groups, weights))
             gen = torch.Generator().manual_seed(config.seed * 1009 + 2 * b)
-            reconstruct(problem, train_idx, omega, config, gen, progress,
-                        step_hook=hooks.average_grads if hooks else None)
+            reconstruct(problem, train_idx, omega, config, gen, progress and (dist is None or dist.is_main), dist=dist)
         harden(problem)
         set_quant_state(unit, weight=True, act=bool(config.act_bits))
         rep.omega = omega.clone()

@@ -112,11 +112,13 @@ def harden(problem: UnitProblem) -> None:
 
 
 def reconstruct(problem: UnitProblem, train_idx: torch.Tensor, omega: torch.Tensor, config: GradientAlignedQuantizer,
-                generator: torch.Generator, progress: bool = True, step_hook=None) -> list[float]:
+                generator: torch.Generator, progress: bool = True, dist=None) -> list[float]:
     """Minimise the omega-weighted reconstruction loss plus AdaRound's regulariser; returns the loss curve.
 
-    ``omega`` holds one weight per entry of ``train_idx``. ``step_hook(params)`` runs after each
-    backward pass and before the optimizer step (several processes average gradients there)."""
+    ``omega`` holds one weight per entry of ``train_idx``. With several processes, ``dist`` (see
+    distributed.py) gives each process its share of every minibatch (``dist.shard``) and sums the
+    gradients of the reconstruction term across processes (``dist.sum_grads``) before each step, so
+    every process takes the same step as a single process would on the whole minibatch."""
     groups = problem.trainable_params(config)
     param_groups = [{"params": groups["rounding"], "lr": config.weight_lr}]
     if groups["steps"]:
@@ -132,19 +134,23 @@ def reconstruct(problem: UnitProblem, train_idx: torch.Tensor, omega: torch.Tens
     bar = tqdm(range(config.recon_iters), desc=f"reconstruct {problem.name}", disable=not progress, leave=False)
     for step in bar:
         pick = torch.randint(0, len(train_idx), (min(config.recon_batch_size, len(train_idx)),), generator=generator)
-        rec = (omega[pick] * problem.losses(train_idx[pick])).mean()
-        loss = rec
+        local = dist.shard(pick) if dist is not None else pick
+        # Sum over this process's share, divided by the whole minibatch: summed over processes
+        # it is the minibatch mean.
+        rec = (omega[local] * problem.losses(train_idx[local])).sum() / len(pick)
+        opt.zero_grad(set_to_none=True)
+        rec.backward()
+        if dist is not None:
+            dist.sum_grads(params)
+            rec = dist.sum_scalar(rec.detach())
         beta = beta_schedule(step, config.recon_iters, config)
         if beta is not None and groups["rounding"]:
+            # The regulariser depends on theta alone: every process adds the same gradient.
             reg = sum(layer.weight_quantizer.regularizer(beta) for layer in problem.layers
                       if layer.weight_quantizer is not None and layer.weight_quantizer.alpha is not None)
-            loss = loss + config.round_reg_weight * reg
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"reconstruction loss of unit {problem.name} became {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if step_hook is not None:
-            step_hook(params)
+            (config.round_reg_weight * reg).backward()
+        if not torch.isfinite(rec):
+            raise FloatingPointError(f"reconstruction loss of unit {problem.name} became {rec.item()} at step {step}")
         opt.step()
         curve.append(rec.item())
         if step % 20 == 0:

@@ -29,9 +29,14 @@ class QuantizedModelMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a diffusers-gaq checkpoint (folder or Hub repo id). Hub options (revision, token,
+        cache_dir, local_files_only, force_download) go to huggingface_hub; diffusers' loading
+        options that do not apply to a quantized model (torch_dtype, variant, ...) are ignored."""
         from ..serialization import load_quantized
 
-        return load_quantized(pretrained_model_name_or_path, **kwargs)
+        hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "force_download")
+               if kwargs.get(k) is not None}
+        return load_quantized(pretrained_model_name_or_path, device=kwargs.get("device"), **hub)
 
     def push_to_hub(self, repo_id: str, **kwargs):
         from ..hub import push_quantized
@@ -49,3 +54,13 @@ def mark_quantized(model: nn.Module, config, wrap_report, report=None) -> nn.Mod
         model.__class__ = quantized_class(type(model))
     model.gaq_config, model.gaq_wrap, model.gaq_report = config, wrap_report, report
     return model
+
+
+def _eager_classes():
+    # Named module attributes, so that diffusers' pipeline loader finds them from model_index.json.
+    from diffusers import UNet2DModel
+
+    return {"QuantizedUNet2DModel": quantized_class(UNet2DModel)}
+
+
+globals().update(_eager_classes())

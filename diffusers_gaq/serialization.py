@@ -1,0 +1,251 @@
+"""Save and load quantized models: packed integer weights, scales, zero points, activation steps.
+
+A checkpoint folder holds
+    config.json                          the base model's diffusers config
+    quantization_config.json             GradientAlignedQuantizer + per-layer bit widths, splits, kept-FP layers
+    diffusion_pytorch_model.safetensors  weights as packed integer codes (two 4-bit codes per byte),
+                                         per-channel scales / zero points, activation quantizer state,
+                                         and every non-quantized tensor (norms, kept-FP layers)
+    calibration_report.safetensors/.json learned sample weights with their timesteps, per-unit losses
+    README.md                            the model card
+Only safetensors and JSON: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import CONFIG_NAME, GradientAlignedQuantizer
+from .quant.layers import QuantLayer
+from .quant.packing import pack_bits, packed_nbytes, unpack_bits
+from .utils import atomic_save_safetensors, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+MODEL_CONFIG_NAME = "config.json"
+REPORT_TENSORS = "calibration_report.safetensors"
+REPORT_JSON = "calibration_report.json"
+FORMAT_VERSION = 1
+PACKED_SUFFIX = ".weight_packed"
+
+
+class CheckpointError(ValueError):
+    """A folder is not a readable diffusers-gaq checkpoint; the message names the file and the problem."""
+
+
+def _base_class(model) -> type:
+    from .models.quantized import QuantizedModelMixin
+
+    return next(c for c in type(model).__mro__ if c is not QuantizedModelMixin and not issubclass(c, QuantizedModelMixin))
+
+
+def quantized_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's tensors with every hardened weight replaced by its packed codes."""
+    state = model.state_dict()
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuantLayer) or layer.weight_quantizer is None:
+            continue
+        wq = layer.weight_quantizer
+        if wq.mode != "frozen":
+            raise ValueError(f"layer {name} is not calibrated (weight quantizer mode {wq.mode!r}); "
+                             "quantize the model with quantize_pipeline() before saving")
+        state.pop(f"{name}.layer.weight")
+        state.pop(f"{name}.weight_quantizer.codes")
+        state[f"{name}{PACKED_SUFFIX}"] = pack_bits(wq.codes, wq.bits)
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise FloatingPointError(f"refusing to save: tensor {key} holds NaN/Inf")
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def layer_table(model) -> dict[str, dict]:
+    table = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLayer):
+            table[name] = {
+                "type": type(layer.layer).__name__,
+                "weight_shape": list(layer.layer.weight.shape),
+                "weight_bits": layer.weight_quantizer.bits if layer.weight_quantizer else None,
+                "act_bits": layer.act_quantizer.bits if layer.act_quantizer else None,
+                "split_at": layer.split_at,
+            }
+    return table
+
+
+def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool = False,
+                   model_card: bool = True, **_ignored) -> Path:
+    """Write the checkpoint folder atomically: it is built beside the target and renamed into place,
+    so an interrupted save leaves the previous folder (or none)."""
+    target = Path(save_directory)
+    if target.exists() and any(target.iterdir()) and not overwrite and not (target / CONFIG_NAME).exists():
+        raise FileExistsError(f"{target} exists and is not empty; choose an empty folder or pass overwrite=True")
+    state = quantized_state_dict(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        base = _base_class(model)
+        cfg = dict(model.config)
+        cfg["_class_name"] = base.__name__
+        atomic_write_text(tmp / MODEL_CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True, default=list) + "\n")
+        wrap = model.gaq_wrap
+        qcfg = {
+            "quant_method": "gaq",
+            "format_version": FORMAT_VERSION,
+            "base_class": base.__name__,
+            "config": model.gaq_config.to_dict(),
+            "layers": layer_table(model),
+            "kept_fp": list(wrap.kept_fp) if wrap else [],
+            "attention": list(wrap.attention) if wrap else [],
+        }
+        atomic_write_text(tmp / CONFIG_NAME, json.dumps(qcfg, indent=2, sort_keys=True) + "\n")
+        atomic_save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "gaq_format_version": str(FORMAT_VERSION)})
+        if model.gaq_report is not None:
+            from .calibration.report_io import report_to_files
+
+            report_to_files(model.gaq_report, tmp / REPORT_TENSORS, tmp / REPORT_JSON)
+        if model_card:
+            from .hub import write_model_card
+
+            write_model_card(model, tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    logger.info("saved quantized model to %s", target)
+    return target
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: {path.parent} is not a diffusers-gaq checkpoint "
+                              "(expected config.json, quantization_config.json and diffusion_pytorch_model.safetensors)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated") from None
+
+
+def resolve_checkpoint(path_or_repo: str | os.PathLike, **hub_kwargs) -> Path:
+    """A local folder as is; otherwise a Hub repo id, downloaded with huggingface_hub."""
+    path = Path(path_or_repo)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the checkpoint folder")
+    from huggingface_hub import snapshot_download
+
+    from .hub import check_repo_id
+
+    check_repo_id(str(path_or_repo))
+    allowed = hub_kwargs.pop("allow_patterns", ["*.json", "*.safetensors", "*.md", "*.png"])
+    return Path(snapshot_download(str(path_or_repo), allow_patterns=allowed, **hub_kwargs))
+
+
+def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device | None = None, **hub_kwargs):
+    """Rebuild a quantized model that computes bit-identically to the one that was saved."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .models import family_for
+    from .models.quantized import mark_quantized
+    from .models.wrap import set_quant_state, wrap_model
+
+    folder = resolve_checkpoint(path_or_repo, **hub_kwargs)
+    qcfg = _read_json(folder / CONFIG_NAME)
+    if qcfg.get("quant_method") != "gaq":
+        raise CheckpointError(f"{folder / CONFIG_NAME}: quant_method is {qcfg.get('quant_method')!r}, not 'gaq'; "
+                              "this is not a diffusers-gaq checkpoint")
+    if qcfg.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: format version {qcfg['format_version']} is newer than this "
+                              f"diffusers-gaq understands ({FORMAT_VERSION}); upgrade diffusers-gaq")
+    config = GradientAlignedQuantizer.from_dict(qcfg["config"])
+    model_cfg = _read_json(folder / MODEL_CONFIG_NAME)
+    import diffusers
+
+    base_name = qcfg.get("base_class", model_cfg.get("_class_name"))
+    base = getattr(diffusers, base_name, None)
+    if base is None:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: unknown base class {base_name!r}")
+    model = base.from_config(model_cfg).eval().requires_grad_(False)
+    family = family_for(model)
+    wrap = wrap_model(model, config, family)
+    wrap.kept_fp = list(qcfg.get("kept_fp", wrap.kept_fp))
+
+    weights_path = folder / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path} is missing")
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights_path} cannot be read ({e}); the file is truncated or corrupt") from None
+
+    layers = qcfg.get("layers", {})
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QuantLayer) or layer.weight_quantizer is None:
+            continue
+        entry = layers.get(name)
+        if entry is None:
+            raise CheckpointError(f"{folder / CONFIG_NAME}: no entry for quantized layer {name}")
+        bits = entry["weight_bits"]
+        if bits != layer.weight_quantizer.bits:
+            layer.weight_quantizer.bits = bits  # per-layer bit widths may differ from the default
+        key = f"{name}{PACKED_SUFFIX}"
+        if key not in state:
+            raise CheckpointError(f"{weights_path}: tensor {key} is missing")
+        shape = tuple(layer.layer.weight.shape)
+        packed = state.pop(key)
+        need = packed_nbytes(int(torch.tensor(shape).prod()), bits)
+        if packed.numel() != need:
+            raise CheckpointError(f"{weights_path}: {key} holds {packed.numel()} bytes but {bits}-bit codes of shape "
+                                  f"{shape} need {need}; the bit widths in {CONFIG_NAME} disagree with the tensors")
+        codes = unpack_bits(packed, bits, shape)
+        wq = layer.weight_quantizer
+        scale, zp = state.pop(f"{name}.weight_quantizer.scale"), state.pop(f"{name}.weight_quantizer.zero_point")
+        wq.load_codes(codes, scale, zp)
+        layer.layer.weight.data = wq(layer.layer.weight).detach().clone()
+        state[f"{name}.layer.weight"] = layer.layer.weight.data
+        state[f"{name}.weight_quantizer.codes"] = wq.codes
+        state[f"{name}.weight_quantizer.scale"] = scale
+        state[f"{name}.weight_quantizer.zero_point"] = zp
+    # Buffers that are None until calibration (AdaRound's floor) are not in a frozen model.
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise CheckpointError(f"{weights_path}: unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    if missing:
+        raise CheckpointError(f"{weights_path}: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    report = None
+    if (folder / REPORT_TENSORS).is_file():
+        from .calibration.report_io import report_from_files
+
+        report = report_from_files(folder / REPORT_TENSORS, folder / REPORT_JSON)
+    set_quant_state(model, weight=True, act=bool(config.act_bits))
+    mark_quantized(model, config, wrap, report)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_quantized_pipeline(path_or_repo: str | os.PathLike, **kwargs):
+    """Reload a pipeline saved with ``pipeline.save_pretrained`` (the UNet quantized): the same as
+    ``DiffusionPipeline.from_pretrained(path)``, which finds ``diffusers_gaq.QuantizedUNet2DModel``
+    through model_index.json."""
+    from diffusers import DiffusionPipeline
+
+    kwargs.setdefault("local_files_only", Path(path_or_repo).is_dir())
+    return DiffusionPipeline.from_pretrained(str(path_or_repo), **kwargs)
