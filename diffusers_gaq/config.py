@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -96,6 +97,8 @@ class GradientAlignedQuantizer:
     def __post_init__(self):
         if isinstance(self.keep_fp, str):
             self.keep_fp = (self.keep_fp,)
+        if not isinstance(self.keep_fp, (list, tuple)):
+            self._fail("keep_fp", "a list of module-name patterns (strings)")
         self.keep_fp = tuple(self.keep_fp)
         self.validate()
 
@@ -155,8 +158,15 @@ class GradientAlignedQuantizer:
         self._float("inner_lr", 0.0)
         self._float("meta_lr", 0.0)
         self._int("seed", 0, 2**32 - 1)
-        if self.device is not None and not isinstance(self.device, str):
-            self._fail("device", "None, 'cpu', 'cuda' or 'cuda:N'")
+        if self.device is not None:
+            if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
+                self._fail("device", "None, 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        if self.val_per_timestep >= self.samples_per_timestep:
+            self._fail("val_fraction", f"small enough to leave training samples: {self.val_per_timestep} of "
+                       f"samples_per_timestep={self.samples_per_timestep} would be held out per timestep")
+        if self.val_fraction == 0 and self.weighting == "gradient_aligned" and self.meta_iters > 0:
+            self._fail("val_fraction", "> 0 with weighting='gradient_aligned' (the meta step needs validation samples); "
+                       "or set meta_iters=0 / weighting='uniform'")
         if self.weighting == "gradient_aligned" and self.method == "minmax":
             raise ValueError("weighting='gradient_aligned' needs method='reconstruction' "
                              "(min-max quantization has no calibration loss to weight); set weighting='uniform'")

@@ -101,3 +101,50 @@ def image_grid(images, nrow: int | None = None):
         grid[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + q * (w + 2) : 2 + q * (w + 2) + w] = arr[i]
     grid = (grid * 255).round().astype(np.uint8)
     return Image.fromarray(grid[..., 0] if c == 1 else grid)
+
+
+def as_ddim(pipe):
+    """The same UNet under a deterministic DDIM scheduler (eta = 0), for paired comparisons."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    return DDIMPipeline(unet=pipe.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
+
+
+@torch.no_grad()
+def generate(pipe, num_images: int, num_inference_steps: int = 50, seed: int = 0, batch_size: int = 250,
+             progress: bool = False) -> tuple[np.ndarray, float]:
+    """``num_images`` DDIM samples (eta = 0) as numpy [N, H, W, C]; batch b uses seed + b, so two
+    pipelines given the same arguments start from the same noise. Returns (images, seconds)."""
+    import time
+
+    pipe = as_ddim(pipe)
+    pipe.set_progress_bar_config(disable=not progress)
+    out, start = [], time.perf_counter()
+    for b, first in enumerate(range(0, num_images, batch_size)):
+        n = min(batch_size, num_images - first)
+        gen = torch.Generator().manual_seed(seed + b)
+        out.append(pipe(batch_size=n, num_inference_steps=num_inference_steps, generator=gen, eta=0.0,
+                        output_type="np").images)
+    return np.concatenate(out), time.perf_counter() - start
+
+
+def compare(fp_pipe, q_pipe, num_images: int = 256, num_inference_steps: int = 50, seed: int = 0,
+            fid: bool = True, batch_size: int = 250) -> dict:
+    """FP against quantized from the same noise: PSNR, FID-ref of both (reference pipeline only),
+    sampling times. Returns a dict of numbers plus the two image arrays under "images"."""
+    fp_images, fp_seconds = generate(fp_pipe, num_images, num_inference_steps, seed, batch_size)
+    q_images, q_seconds = generate(q_pipe, num_images, num_inference_steps, seed, batch_size)
+    result = {
+        "num_images": num_images,
+        "num_inference_steps": num_inference_steps,
+        "seed": seed,
+        "psnr_db": sample_psnr(fp_images, q_images),
+        "fp_sampling_seconds": fp_seconds,
+        "quantized_sampling_seconds": q_seconds,
+        "how": f"{num_images} images, DDIM eta=0, {num_inference_steps} steps, same initial noise (seed {seed})",
+    }
+    if fid:
+        result["fid_ref_fp"] = fid_reference(fp_images)
+        result["fid_ref_quantized"] = fid_reference(q_images)
+    result["images"] = {"fp": fp_images, "quantized": q_images}
+    return result

@@ -11,6 +11,7 @@ import torch
 from .calibration.calibrate import calibrate_model
 from .calibration.data import CalibrationData, collect_calibration_data
 from .config import GradientAlignedQuantizer
+from .distributed import detect, unit_sync_check
 from .models import family_for
 from .models.quantized import mark_quantized
 from .models.wrap import set_quant_state, wrap_model
@@ -53,16 +54,29 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
     if calibration_data is not None:
         calibration_data.check(pipe.unet.config.in_channels, pipe.unet.config.sample_size)
 
+    # Under `accelerate launch` / torchrun every process runs this same function (DESIGN.md section 7):
+    # trajectories and minibatches are split, parameters stay identical, the same pipeline is returned.
+    dist = detect()
+    if dist is not None:
+        dist.check_config(config)
+    progress = progress and (dist is None or dist.is_main)
+
     unet = copy.deepcopy(pipe.unet).to(device).eval().requires_grad_(False)
     t0 = time.perf_counter()
     if calibration_data is None:
-        calibration_data = collect_calibration_data(unet, pipe.scheduler.config, family, config, device, progress)
+        shard = {}
+        if dist is not None:
+            ids = dist.split_trajectories(config.samples_per_timestep)
+            shard = {"trajectory_ids": ids, "gather": dist.trajectory_gatherer(ids)}
+        calibration_data = collect_calibration_data(unet, pipe.scheduler.config, family, config, device, progress,
+                                                    **shard)
     data_seconds = time.perf_counter() - t0
 
     wrap = wrap_model(unet, config, family)
     logger.info("wrapped %d layers (%d kept FP, %d split inputs, %d attention cores)", len(wrap.layer_bits),
                 len(wrap.kept_fp), len(wrap.split_layers), len(wrap.attention))
-    report = calibrate_model(unet, family, calibration_data, config, progress=progress, record_conflict=record_conflict)
+    report = calibrate_model(unet, family, calibration_data, config, progress=progress, record_conflict=record_conflict,
+                             dist=dist, on_unit_done=unit_sync_check(dist, unet, family))
     report.data_seconds = data_seconds
     set_quant_state(unet, weight=True, act=bool(config.act_bits))
     mark_quantized(unet, config, wrap, report)

@@ -249,3 +249,32 @@ def load_quantized_pipeline(path_or_repo: str | os.PathLike, **kwargs):
 
     kwargs.setdefault("local_files_only", Path(path_or_repo).is_dir())
     return DiffusionPipeline.from_pretrained(str(path_or_repo), **kwargs)
+
+
+def save_quantized_pipeline(pipe, save_directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Save a whole pipeline whose UNet is quantized (model_index.json, scheduler/, unet/ in the
+    quantized format, the model card also at the top), atomically: built beside the target, then
+    renamed into place. A non-empty target is refused unless ``overwrite``."""
+    target = Path(save_directory)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise FileExistsError(f"output folder {target} exists and is not empty; pass overwrite=True "
+                              "(CLI: --overwrite) or choose another folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        pipe.save_pretrained(tmp)
+        for item in (tmp / "unet").iterdir():
+            if item.suffix in (".md", ".png"):
+                shutil.copy2(item, tmp / item.name)
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            target.rename(old)
+        tmp.rename(target)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target

@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 
 from ..config import GradientAlignedQuantizer
 from ..models.wrap import reconstruction_units, set_quant_state
-from .capture import capture_unit
+from .capture import capture_all_outputs, capture_unit
 from .data import CalibrationData
-from .diagnostics import cosine_matrix, group_gradients, per_step_loss
+from .diagnostics import cosine_matrix, group_gradients
 from .reconstruction import UnitProblem, harden, init_quantizers, reconstruct, start_rounding
 from .weighting import learn_scores, sample_weights
 
@@ -85,6 +85,19 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
     bs = max(config.recon_batch_size, config.calibration_batch_size)
     gradient_aligned = config.method == "reconstruction" and config.weighting == "gradient_aligned"
     start = time.perf_counter()
+    set_quant_state(model, weight=False, act=False)
+    cached_targets = capture_all_outputs(model, units[start_unit:], data, family, bs, device)
+    all_idx = torch.arange(len(data))
+
+    def evaluate(problem):
+        """Train / validation mean loss and per-timestep train loss, from one pass over the samples."""
+        losses = problem.per_sample_losses(all_idx, bs)
+        steps = data.step_index[train_idx]
+        per_step = torch.zeros(int(data.step_index.max()) + 1).index_add_(0, steps, losses[train_idx])
+        per_step /= torch.bincount(steps, minlength=len(per_step)).clamp_min(1)
+        val = losses[val_idx].mean().item() if len(val_idx) else float("nan")
+        return losses[train_idx].mean().item(), val, per_step
+
     bar = tqdm(units, desc=f"calibrating {config.tag}", disable=not progress)
     for b, (name, unit) in enumerate(bar):
         if b < start_unit:
@@ -93,15 +106,16 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
         rep = UnitReport(name)
         # FP target: the whole model in full precision. Input: earlier units quantized, this one not yet.
         set_quant_state(model, weight=False, act=False)
-        targets = capture_unit(model, unit, data, family, bs, "output", device=device)
+        if cached_targets is not None:
+            targets = cached_targets.pop(name)
+        else:
+            targets = capture_unit(model, unit, data, family, bs, "output", device=device)
         for _, done in units[:b]:
             set_quant_state(done, weight=True, act=bool(config.act_bits))
         inputs = capture_unit(model, unit, data, family, bs, "inputs", device=device)
         problem = UnitProblem(name, unit, inputs, targets, device)
         init_quantizers(problem, train_idx, config)
-        rep.loss_init = problem.mean_loss(train_idx, bs)
-        rep.val_loss_init = problem.mean_loss(val_idx, bs)
-        rep.step_loss_init = per_step_loss(problem, train_idx, data.step_index, bs)
+        rep.loss_init, rep.val_loss_init, rep.step_loss_init = evaluate(problem)
         omega = torch.ones(len(train_idx))
         if config.method == "reconstruction":
             start_rounding(problem)
@@ -125,9 +139,7 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
         harden(problem)
         set_quant_state(unit, weight=True, act=bool(config.act_bits))
         rep.omega = omega.clone()
-        rep.loss_final = problem.mean_loss(train_idx, bs)
-        rep.val_loss_final = problem.mean_loss(val_idx, bs)
-        rep.step_loss_final = per_step_loss(problem, train_idx, data.step_index, bs)
+        rep.loss_final, rep.val_loss_final, rep.step_loss_final = evaluate(problem)
         rep.seconds = time.perf_counter() - t0
         report.units.append(rep)
         logger.info("%s: loss %.4g -> %.4g (val %.4g -> %.4g) in %.1fs", name, rep.loss_init, rep.loss_final,

@@ -87,3 +87,34 @@ def capture_unit(model: nn.Module, unit: nn.Module, data, family, batch_size: in
     args = tuple(_stack([a[i] for a in got_args]) for i in range(len(got_args[0])))
     kwargs = {k: _stack([kw[k] for kw in got_kwargs]) for k in got_kwargs[0]}
     return UnitInputs(args, kwargs)
+
+
+@torch.no_grad()
+def capture_all_outputs(model: nn.Module, units: list, data, family, batch_size: int,
+                        device: torch.device | None = None, max_bytes: int = 2 * 2**30) -> dict | None:
+    """Every unit's output for every calibration sample from ONE forward pass of ``model`` (run it in
+    full precision to get the reconstruction targets). Returns None when the outputs would need
+    more than ``max_bytes``; callers then capture unit by unit."""
+    device = device or next(model.parameters()).device
+    probe: dict[str, int] = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: probe.__setitem__(n, out[0].numel()))
+             for n, m in units]
+    try:
+        family.forward(model, data.samples[:1].to(device), data.timesteps[:1].to(device),
+                       {k: v[:1].to(device) for k, v in data.conditioning.items()})
+    finally:
+        for h in hooks:
+            h.remove()
+    if sum(probe.values()) * 4 * len(data) > max_bytes:
+        return None
+    parts: dict[str, list] = {n: [] for n, _ in units}
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: parts[n].append(out.cpu())) for n, m in units]
+    try:
+        for start in range(0, len(data), batch_size):
+            sl = slice(start, start + batch_size)
+            family.forward(model, data.samples[sl].to(device), data.timesteps[sl].to(device),
+                           {k: v[sl].to(device) for k, v in data.conditioning.items()})
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(p) for n, p in parts.items()}

@@ -80,15 +80,16 @@ class CalibrationData:
                 raise ValueError(f"calibration data field {name} has shape {tuple(t.shape)}, expected ({n},)")
         if in_channels is not None and self.samples.shape[1] != in_channels:
             raise ValueError(f"calibration samples have {self.samples.shape[1]} channels; the model expects {in_channels}")
-        if sample_size is not None and tuple(self.samples.shape[2:]) != (sample_size, sample_size):
-            raise ValueError(f"calibration samples are {tuple(self.samples.shape[2:])}; the model expects "
-                             f"{sample_size}x{sample_size}")
+        if sample_size is not None:
+            expected = tuple(sample_size) if isinstance(sample_size, (tuple, list)) else (sample_size, sample_size)
+            if tuple(self.samples.shape[2:]) != expected:
+                raise ValueError(f"calibration samples are {tuple(self.samples.shape[2:])}; the model expects {expected}")
         bad = ~torch.isfinite(self.samples).flatten(1).all(1)
         if bad.any():
             raise ValueError(f"calibration data holds NaN/Inf in {int(bad.sum())} of {n} samples "
                              f"(first: {int(torch.nonzero(bad)[0])}); regenerate it with the full-precision pipeline")
-        if int(self.is_val.sum()) == 0 or bool(self.is_val.all()):
-            raise ValueError("calibration data needs both training and validation samples (check val_fraction)")
+        if bool(self.is_val.all()):
+            raise ValueError("calibration data holds no training samples (every sample is held out; lower val_fraction)")
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {k: getattr(self, k) for k in ("samples", "timesteps", "step_index", "group", "is_val")}
@@ -131,15 +132,16 @@ def sample_trajectories(unet, scheduler, family, config: GradientAlignedQuantize
     scheduler.set_timesteps(config.num_inference_steps)
     timesteps = scheduler.timesteps
     keep = {p: i for i, p in enumerate(positions)}
-    c, s = unet.config.in_channels, unet.config.sample_size
+    c, size = unet.config.in_channels, unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
     ids = list(trajectory_ids)
-    out = torch.empty(len(positions), len(ids), c, s, s)
+    out = torch.empty(len(positions), len(ids), c, h, w)
     bs = config.calibration_batch_size
     batches = range(0, len(ids), bs)
     bar = tqdm(total=len(batches) * len(timesteps), desc="calibration trajectories", disable=not progress, leave=False)
     for start in batches:
         chunk = ids[start : start + bs]
-        x = torch.stack([torch.randn(c, s, s, generator=torch.Generator().manual_seed(trajectory_seed(config.seed, j)))
+        x = torch.stack([torch.randn(c, h, w, generator=torch.Generator().manual_seed(trajectory_seed(config.seed, j)))
                          for j in chunk]).to(device)
         for pos, t in enumerate(timesteps):
             if pos in keep:

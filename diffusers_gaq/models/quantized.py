@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from diffusers import ModelMixin  # noqa: F401 - looked up here by diffusers' pipeline loader, see below
 from torch import nn
 
 
@@ -30,12 +31,12 @@ class QuantizedModelMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load a diffusers-gaq checkpoint (folder or Hub repo id). Hub options (revision, token,
-        cache_dir, local_files_only, force_download) go to huggingface_hub; diffusers' loading
+        cache_dir, local_files_only, force_download, endpoint) go to huggingface_hub; diffusers' loading
         options that do not apply to a quantized model (torch_dtype, variant, ...) are ignored."""
         from ..serialization import load_quantized
 
-        hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "force_download")
-               if kwargs.get(k) is not None}
+        hub_options = ("revision", "token", "cache_dir", "local_files_only", "force_download", "endpoint")
+        hub = {k: kwargs[k] for k in hub_options if kwargs.get(k) is not None}
         return load_quantized(pretrained_model_name_or_path, device=kwargs.get("device"), **hub)
 
     def push_to_hub(self, repo_id: str, **kwargs):
@@ -58,6 +59,9 @@ def mark_quantized(model: nn.Module, config, wrap_report, report=None) -> nn.Mod
 
 def _eager_classes():
     # Named module attributes, so that diffusers' pipeline loader finds them from model_index.json.
+    # model_index.json records ["diffusers_gaq.models.quantized", "QuantizedUNet2DModel"]; the loader
+    # then picks the load method by checking the class against the base classes it finds *in this
+    # module* (getattr(module, "ModelMixin")), hence the ModelMixin import at the top.
     from diffusers import UNet2DModel
 
     return {"QuantizedUNet2DModel": quantized_class(UNet2DModel)}

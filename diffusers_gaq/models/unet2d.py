@@ -63,5 +63,5 @@ class UNet2DFamily:
     @staticmethod
     def example_input(model: nn.Module, batch_size: int = 1):
         c, s = model.config.in_channels, model.config.sample_size
-        s = s if isinstance(s, int) else s[0]
-        return torch.randn(batch_size, c, s, s), torch.full((batch_size,), 500, dtype=torch.long)
+        h, w = (s, s) if isinstance(s, int) else tuple(s)
+        return torch.randn(batch_size, c, h, w), torch.full((batch_size,), 500, dtype=torch.long)

@@ -50,7 +50,8 @@ def wrap_model(model: nn.Module, config: GradientAlignedQuantizer, family) -> Wr
             report.kept_fp.append(name)
             continue
         wq = WeightQuantizer(config.weight_bits, per_channel=config.weight_granularity == "per_channel",
-                             symmetric=config.weight_symmetric, init=config.weight_init)
+                             symmetric=config.weight_symmetric,
+                             init="minmax" if config.method == "minmax" else config.weight_init)
         aq = ActQuantizer(config.act_bits, **act_kwargs) if config.act_bits else None
         split = splits.get(name)
         sq = ActQuantizer(config.act_bits, **act_kwargs) if (split and aq is not None) else None

@@ -59,14 +59,14 @@ class QuantLayer(nn.Module):
         if self.use_act_quant and self.act_quantizer is not None:
             x = self.quantize_input(x)
         w = self.quantized_weight() if self.use_weight_quant and self.weight_quantizer is not None else self.layer.weight
-        return self._apply(x, w)
+        return self._layer_forward(x, w)
 
-    def _apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def _layer_forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
 class QuantConv2d(QuantLayer):
-    def _apply(self, x, w):
+    def _layer_forward(self, x, w):
         # _conv_forward keeps the layer's padding mode, stride, dilation and groups.
         return self.layer._conv_forward(x, w, self.layer.bias)
 
@@ -80,7 +80,7 @@ class QuantConv2d(QuantLayer):
 
 
 class QuantLinear(QuantLayer):
-    def _apply(self, x, w):
+    def _layer_forward(self, x, w):
         return F.linear(x, w, self.layer.bias)
 
     @property

@@ -55,7 +55,9 @@ def save_pipeline(unet: UNet2DModel, out: Path, meta: dict) -> None:
 
 
 def train_unet(out: Path, steps: int, batch_size: int, lr: float, ema_decay: float, seed: int,
-               snapshot_every: int, log_every: int = 50) -> None:
+               snapshot_every: int, log_every: int = 50, stop_after: int | None = None) -> None:
+    """``steps`` sets the learning-rate schedule; ``stop_after`` ends training early on that schedule
+    (the shipped model is such a snapshot: same command, deterministic data order)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     images, _ = load_fashion_mnist("train")
@@ -75,7 +77,8 @@ def train_unet(out: Path, steps: int, batch_size: int, lr: float, ema_decay: flo
     n_params = sum(p.numel() for p in unet.parameters())
     logger.info("UNet: %d parameters; %d steps at batch %d", n_params, steps, batch_size)
     start, running = time.time(), 0.0
-    for step in range(steps):
+    last = min(steps, stop_after or steps)
+    for step in range(last):
         idx = torch.from_numpy(rng.integers(0, len(data), batch_size))
         x0 = data[idx]
         flip = torch.from_numpy(rng.random(batch_size) < 0.5)
@@ -99,7 +102,7 @@ def train_unet(out: Path, steps: int, batch_size: int, lr: float, ema_decay: flo
             elapsed = time.time() - start
             logger.info("step %d/%d loss %.4f lr %.2e %.1f min", step + 1, steps, running / log_every, lr_at(step), elapsed / 60)
             running = 0.0
-        if (step + 1) % snapshot_every == 0 or step + 1 == steps:
+        if (step + 1) % snapshot_every == 0 or step + 1 == last:
             meta = dict(steps=step + 1, total_steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
                         seed=seed, wall_minutes=round((time.time() - start) / 60, 1), parameters=n_params,
                         threads=torch.get_num_threads())
@@ -155,12 +158,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["unet", "classifier", "all"])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "assets")
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=5000, help="length of the learning-rate schedule")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps of the schedule")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--snapshot-every", type=int, default=500)
-    p.add_argument("--classifier-epochs", type=int, default=4)
+    # The shipped models were trained with --threads 1 (two processes side by side on 2 cores).
+    p.add_argument("--classifier-epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
@@ -171,7 +176,8 @@ def main(argv=None) -> None:
         acc = train_classifier(args.out / "classifier", args.classifier_epochs, 128, 3e-3, args.seed)
         logger.info("classifier test accuracy %.4f", acc)
     if args.what in ("unet", "all"):
-        train_unet(args.out / "pipeline", args.steps, args.batch_size, args.lr, args.ema_decay, args.seed, args.snapshot_every)
+        train_unet(args.out / "pipeline", args.steps, args.batch_size, args.lr, args.ema_decay, args.seed, args.snapshot_every,
+                   stop_after=args.stop_after)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,305 @@
+"""``diffusers-gaq``: quantize, evaluate, push, inspect, and the offline demo.
+
+    diffusers-gaq quantize reference --weight-bits 4 --act-bits 8 --output out/w4a8
+    diffusers-gaq evaluate out/w4a8 --baseline reference --num-images 256
+    diffusers-gaq push out/w4a8 me/ddpm-w4a8 --private
+    diffusers-gaq info out/w4a8
+    diffusers-gaq demo --output out/demo
+
+Errors end with a one-line message and a non-zero exit code (add --verbose for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("diffusers_gaq")
+
+# Calibration budgets by name: "demo" finishes in minutes on 2 CPU cores, "paper" is Q-Diffusion's scale.
+BUDGETS = {
+    "tiny": dict(num_inference_steps=10, num_calibration_timesteps=5, samples_per_timestep=8, recon_iters=5,
+                 recon_batch_size=8, meta_iters=1, meta_batch_size=8, val_fraction=0.2),
+    "demo": dict(num_inference_steps=50, num_calibration_timesteps=10, samples_per_timestep=24, recon_iters=80,
+                 recon_batch_size=32, meta_iters=8, meta_batch_size=32),
+    "default": {},
+    "paper": dict(num_inference_steps=100, num_calibration_timesteps=20, samples_per_timestep=256, recon_iters=20000,
+                  recon_batch_size=32, meta_iters=2000),
+}
+
+REFERENCE = "reference"
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line."""
+
+
+def load_pipeline(model: str):
+    """'reference' (the embedded pipeline), a local pipeline folder, or a Hub id."""
+    if model == REFERENCE:
+        from .reference import load_reference_pipeline
+
+        return load_reference_pipeline()
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(model)
+
+
+def build_config(args):
+    from .config import GradientAlignedQuantizer
+
+    base = GradientAlignedQuantizer.from_json_file(args.config).to_dict() if args.config else {}
+    base.pop("quant_method", None)
+    base.update(BUDGETS[args.budget])
+    overrides = {
+        "weight_bits": args.weight_bits, "act_bits": args.act_bits, "weighting": args.weighting,
+        "method": args.method, "timestep_schedule": args.timestep_schedule, "seed": args.seed,
+        "device": args.device, "recon_iters": args.recon_iters, "meta_iters": args.meta_iters,
+    }
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    if args.act_bits is not None and args.act_bits <= 0:
+        base["act_bits"] = None  # --act-bits 0: weight-only
+    return GradientAlignedQuantizer.from_dict(base)
+
+
+def _check_output(path: Path, overwrite: bool) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise CLIError(f"output folder {path} exists and is not empty; pass --overwrite or choose another folder")
+    probe = path if path.exists() else path.parent
+    while not probe.exists():
+        probe = probe.parent
+    import os
+    import shutil
+
+    if not os.access(probe, os.W_OK):
+        raise CLIError(f"cannot write to {probe}; choose an output folder you can write")
+    if shutil.disk_usage(probe).free < 200 * 2**20:
+        raise CLIError(f"less than 200 MiB free under {probe}; free some space or choose another folder")
+
+
+def cmd_quantize(args) -> int:
+    from .distributed import is_main_process, wait_for_everyone
+    from .pipeline import check_pipeline, quantize_pipeline
+    from .serialization import save_quantized_pipeline
+
+    config = build_config(args)  # bad settings fail here, before anything is loaded or sampled
+    out = Path(args.output)
+    _check_output(out, args.overwrite)
+    pipe = load_pipeline(args.model)
+    check_pipeline(pipe)
+    start = time.perf_counter()
+    qpipe = quantize_pipeline(pipe, config, progress=not args.quiet)
+    qpipe.unet.gaq_base_model = None if args.model == REFERENCE else args.model
+    if is_main_process():
+        save_quantized_pipeline(qpipe, out, overwrite=args.overwrite)
+        print(f"quantized {config.tag} in {time.perf_counter() - start:.0f}s -> {out}")
+    wait_for_everyone()
+    return 0
+
+
+def _load_pair(directory: str, baseline: str | None):
+    from .serialization import load_quantized_pipeline
+
+    qpipe = load_quantized_pipeline(directory)
+    base_id = baseline or getattr(qpipe.unet, "gaq_base_model", None) or REFERENCE
+    return qpipe, load_pipeline(base_id), base_id
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import compare, image_grid
+    from .serialization import save_quantized_pipeline
+    from .utils import atomic_write_text
+
+    directory = Path(args.directory)
+    qpipe, fp_pipe, base_id = _load_pair(str(directory), args.baseline)
+    result = compare(fp_pipe, qpipe, args.num_images, args.num_inference_steps, args.seed, fid=base_id == REFERENCE)
+    images = result.pop("images")
+    report_dir = Path(args.report or directory / "evaluation")
+    report_dir.mkdir(parents=True, exist_ok=True)
+    image_grid(images["fp"][:64], nrow=8).save(report_dir / "samples_fp.png")
+    image_grid(images["quantized"][:64], nrow=8).save(report_dir / "samples_quantized.png")
+    result["baseline"] = base_id
+    atomic_write_text(report_dir / "evaluation.json", json.dumps(result, indent=2) + "\n")
+    _print_table([("FP", result.get("fid_ref_fp"), None, result["fp_sampling_seconds"]),
+                  (qpipe.unet.gaq_config.tag, result.get("fid_ref_quantized"), result["psnr_db"],
+                   result["quantized_sampling_seconds"])])
+    if args.update_card:
+        qpipe.unet.gaq_evaluation = result
+        save_quantized_pipeline(qpipe, directory, overwrite=True)
+    print(f"report: {report_dir}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .hub import push_folder
+
+    url = push_folder(args.directory, args.repo_id, private=args.private or None, token=args.token,
+                      revision=args.revision, create_pr=args.create_pr, endpoint=args.endpoint)
+    print(f"pushed {args.directory} -> {url}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .config import CONFIG_NAME
+    from .serialization import WEIGHTS_NAME, CheckpointError
+
+    directory = Path(args.directory)
+    unet_dir = directory / "unet" if (directory / "unet" / CONFIG_NAME).is_file() else directory
+    qfile = unet_dir / CONFIG_NAME
+    if not qfile.is_file():
+        raise CheckpointError(f"{qfile} is missing: {directory} is not a diffusers-gaq checkpoint")
+    qcfg = json.loads(qfile.read_text())
+    layers = qcfg["layers"]
+    bits = {}
+    for entry in layers.values():
+        key = f"W{entry['weight_bits']}A{entry['act_bits'] or 32}"
+        bits[key] = bits.get(key, 0) + 1
+    cfg = qcfg["config"]
+    size = (unet_dir / WEIGHTS_NAME).stat().st_size
+    print(f"checkpoint:   {directory}")
+    print(f"base model:   {qcfg['base_class']}")
+    print(f"method:       {cfg['method']} / weighting {cfg['weighting']}")
+    print(f"layers:       {len(layers)} quantized ({', '.join(f'{k}: {v}' for k, v in sorted(bits.items()))}), "
+          f"{len(qcfg.get('kept_fp', []))} kept FP, {sum(1 for e in layers.values() if e['split_at'])} split inputs, "
+          f"{len(qcfg.get('attention', []))} quantized attention")
+    print(f"weights file: {size / 2**20:.2f} MiB")
+    print(f"calibration:  {cfg['num_calibration_timesteps']} timesteps x {cfg['samples_per_timestep']} samples "
+          f"({cfg['timestep_schedule']}), {cfg['recon_iters']} reconstruction / {cfg['meta_iters']} meta iterations, "
+          f"seed {cfg['seed']}")
+    report = unet_dir / "calibration_report.json"
+    if report.is_file():
+        summary = json.loads(report.read_text())
+        print(f"time:         {summary['calibration_seconds']:.0f}s calibration, {summary['data_seconds']:.0f}s data")
+    if args.json:
+        print(json.dumps(qcfg, indent=2))
+    return 0
+
+
+def _print_table(rows) -> None:
+    print(f"{'model':<10} {'FID-ref':>9} {'PSNR dB':>9} {'sampling s':>11}")
+    for name, fid, psnr, seconds in rows:
+        fid_s = f"{fid:9.3f}" if fid is not None else f"{'-':>9}"
+        psnr_s = f"{psnr:9.2f}" if psnr is not None else f"{'-':>9}"
+        print(f"{name:<10} {fid_s} {psnr_s} {seconds:11.1f}")
+
+
+def cmd_demo(args) -> int:
+    """Quantize the reference pipeline (W4A8, demo budget), compare with FP, write the grids."""
+    from PIL import Image
+
+    from .config import GradientAlignedQuantizer
+    from .evaluation import compare, image_grid
+    from .pipeline import quantize_pipeline
+    from .reference import load_reference_pipeline
+    from .serialization import save_quantized_pipeline
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    config = GradientAlignedQuantizer(weight_bits=args.weight_bits, act_bits=args.act_bits, **BUDGETS[args.budget])
+    pipe = load_reference_pipeline()
+    print(f"reference pipeline: UNet2DModel, {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.2f}M parameters")
+    start = time.perf_counter()
+    qpipe = quantize_pipeline(pipe, config, progress=not args.quiet)
+    calib = time.perf_counter() - start
+    print(f"calibrated {config.tag} ({config.weighting}) in {calib:.0f}s")
+    result = compare(pipe, qpipe, args.num_images, args.num_inference_steps, seed=0)
+    images = result.pop("images")
+    _print_table([("FP", result["fid_ref_fp"], None, result["fp_sampling_seconds"]),
+                  (config.tag, result["fid_ref_quantized"], result["psnr_db"], result["quantized_sampling_seconds"])])
+    fp_grid, q_grid = image_grid(images["fp"][:64], 8), image_grid(images["quantized"][:64], 8)
+    side = Image.new("L", (fp_grid.width * 2 + 8, fp_grid.height), 255)
+    side.paste(fp_grid, (0, 0))
+    side.paste(q_grid, (fp_grid.width + 8, 0))
+    side.save(out / "fp_vs_quantized.png")
+    qpipe.unet.gaq_evaluation = result
+    save_quantized_pipeline(qpipe, out / "pipeline", overwrite=True)
+    (out / "demo.json").write_text(json.dumps({"calibration_seconds": calib, **result}, indent=2) + "\n")
+    print(f"wrote {out / 'fp_vs_quantized.png'} (left FP, right {config.tag}) and the checkpoint {out / 'pipeline'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffusers-gaq", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="calibrate and save a quantized pipeline")
+    q.add_argument("model", help="'reference' (embedded Fashion-MNIST DDPM), a local pipeline folder, or a Hub id")
+    q.add_argument("--output", required=True, help="folder for the quantized pipeline (must be empty or new)")
+    q.add_argument("--weight-bits", type=int, help="2-8 (default 4)")
+    q.add_argument("--act-bits", type=int, help="4-16, or 0 for weight-only (default 8)")
+    q.add_argument("--config", help="a GradientAlignedQuantizer JSON file; flags override it")
+    q.add_argument("--budget", choices=sorted(BUDGETS), default="default", help="calibration budget preset")
+    q.add_argument("--weighting", choices=["gradient_aligned", "uniform"])
+    q.add_argument("--method", choices=["reconstruction", "minmax"])
+    q.add_argument("--timestep-schedule", choices=["uniform", "normal"])
+    q.add_argument("--recon-iters", type=int)
+    q.add_argument("--meta-iters", type=int)
+    q.add_argument("--seed", type=int)
+    q.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("evaluate", help="fidelity of a quantized pipeline against its FP baseline")
+    e.add_argument("directory")
+    e.add_argument("--baseline", help="FP pipeline: 'reference', a folder or a Hub id (default: the base model)")
+    e.add_argument("--num-images", type=int, default=256)
+    e.add_argument("--num-inference-steps", type=int, default=50)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--report", help="report folder (default DIRECTORY/evaluation)")
+    e.add_argument("--update-card", action="store_true", help="write the measured fidelity into the model card")
+    e.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("push", help="upload a quantized pipeline folder to the Hub")
+    p.add_argument("directory")
+    p.add_argument("repo_id")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--token")
+    p.add_argument("--revision")
+    p.add_argument("--create-pr", action="store_true")
+    p.add_argument("--endpoint", help="Hub address (default: HF_ENDPOINT or huggingface.co)")
+    p.set_defaults(func=cmd_push)
+
+    i = sub.add_parser("info", help="what is inside a quantized checkpoint")
+    i.add_argument("directory")
+    i.add_argument("--json", action="store_true", help="also print quantization_config.json")
+    i.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("demo", help="quantize the embedded reference pipeline and compare with FP")
+    d.add_argument("--output", default="out/demo")
+    d.add_argument("--weight-bits", type=int, default=4)
+    d.add_argument("--act-bits", type=int, default=8)
+    d.add_argument("--budget", choices=sorted(BUDGETS), default="demo")
+    d.add_argument("--num-images", type=int, default=256)
+    d.add_argument("--num-inference-steps", type=int, default=50)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .utils import setup_logging
+
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for users, the traceback with --verbose
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,506 @@
+"""Model cards and Hub uploads for quantized checkpoints.
+
+The card is a ``huggingface_hub.ModelCard`` rendered from this module's own template; it is
+written as README.md (with its plots) into the checkpoint folder, and the folder goes to the Hub
+with ``HfApi.upload_folder``. ``ModelCard.push_to_hub`` is not used: it validates the card
+against a hard-coded huggingface.co address, which fails behind mirrors, on private endpoints
+and offline (DESIGN.md section 8).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import statistics
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from .config import CONFIG_NAME
+from .utils import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+CARD_NAME = "README.md"
+SAMPLE_WEIGHTS_PNG = "sample_weights.png"
+CONFLICT_PNG = "gradient_conflict.png"
+PAPER_ARXIV = "2602.01289"
+DEFAULT_COMMIT_MESSAGE = "Upload diffusers-gaq quantized model"
+# Stands for the repo id in a card written before the repo is known (a plain save_pretrained);
+# push_folder replaces it with the real id before uploading.
+REPO_ID_PLACEHOLDER = "your-username/your-quantized-model"
+_EXAMPLE_REPO_ID = "my-username/ddpm-cifar10-w4a8"
+
+
+class HubPushError(RuntimeError):
+    """An upload to the Hub failed; the local checkpoint folder is untouched.
+
+    ``status_code`` is the HTTP status when the server answered, else None."""
+
+    def __init__(self, message: str, status_code: int | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+
+
+# ---- repo ids ---------------------------------------------------------------------------------
+def check_repo_id(repo_id) -> str:
+    """Return ``repo_id`` if huggingface_hub accepts it as "name" or "namespace/name", else
+    raise ValueError saying what is wrong and showing a valid id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(repo_id, str) or not repo_id:
+        raise ValueError(f"invalid Hub repo id {repo_id!r}: expected a non-empty string such as {_EXAMPLE_REPO_ID!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        reason = str(e).replace(" Use `repo_type` argument if needed.", "")  # not an option here
+        raise ValueError(f"invalid Hub repo id {repo_id!r}: {reason} A valid id looks like {_EXAMPLE_REPO_ID!r} "
+                         "(namespace/name, letters, digits, '-', '_' and '.').") from None
+    return repo_id
+
+
+def _is_repo_id(value: str | None) -> bool:
+    try:
+        return bool(value) and check_repo_id(value) == value and not Path(value).exists()
+    except ValueError:
+        return False
+
+
+# ---- what the card says -----------------------------------------------------------------------
+def _quant_class_import() -> str:
+    # The short import needs the package to re-export the class; fall back to its home module.
+    import diffusers_gaq
+
+    if hasattr(diffusers_gaq, "QuantizedUNet2DModel"):
+        return "from diffusers_gaq import QuantizedUNet2DModel"
+    return "from diffusers_gaq.models.quantized import QuantizedUNet2DModel"
+
+
+def _bits_rows(model) -> list[dict]:
+    """Layer counts per (weight bits, activation bits) pair, with packed vs fp32 weight sizes."""
+    from .serialization import layer_table
+
+    groups: Counter = Counter()
+    numel: Counter = Counter()
+    for entry in layer_table(model).values():
+        key = (entry["weight_bits"], entry["act_bits"])
+        groups[key] += 1
+        count = 1
+        for dim in entry["weight_shape"]:
+            count *= dim
+        numel[key] += count
+    rows = []
+    for (w, a), n in sorted(groups.items(), key=lambda kv: (-(kv[0][0] or 99), -(kv[0][1] or 99))):
+        rows.append({"weights": f"{w}-bit" if w else "FP", "acts": f"{a}-bit" if a else "FP (weight-only)",
+                     "layers": n, "packed_mb": numel[(w, a)] * (w or 32) / 8 / 1e6, "fp32_mb": numel[(w, a)] * 4 / 1e6})
+    return rows
+
+
+def _calibration_rows(config) -> list[tuple[str, str]]:
+    method = {"reconstruction": "AdaRound + block reconstruction (Q-Diffusion)",
+              "minmax": "round-to-nearest, min-max/MSE ranges (no reconstruction)"}[config.method]
+    weighting = {"gradient_aligned": "gradient-aligned (meta-learned)", "uniform": "uniform"}[config.weighting]
+    weight_symmetry = "symmetric" if config.weight_symmetric else "asymmetric"
+    rows = [
+        ("method", method),
+        ("sample weighting", weighting),
+        ("calibration timesteps", f"{config.num_calibration_timesteps} of {config.num_inference_steps} DDIM steps"),
+        ("samples per timestep", str(config.samples_per_timestep)),
+        ("timestep schedule", config.timestep_schedule),
+        ("held-out validation fraction", f"{config.val_fraction:g} per timestep"),
+        ("weight quantizer", f"{config.weight_granularity}, {weight_symmetry}, {config.weight_init} init"),
+    ]
+    if config.act_bits:
+        act = (f"{'symmetric' if config.act_symmetric else 'asymmetric'}, EMA init (momentum {config.act_ema_momentum})"
+               + (", learned step (LSQ)" if config.learn_act_scale else ""))
+        rows.append(("activation quantizer", act))
+    if config.method == "reconstruction":
+        rows.append(("reconstruction iterations", f"{config.recon_iters} per block (batch {config.recon_batch_size})"))
+    if config.method == "reconstruction" and config.weighting == "gradient_aligned":
+        rows += [
+            ("meta iterations", f"{config.meta_iters} per block (batch {config.meta_batch_size})"),
+            ("timestep groups T", str(config.num_groups)),
+            ("softmax temperature tau", f"{config.tau:g}"),
+        ]
+    rows.append(("seed", str(config.seed)))
+    return rows
+
+
+_EVAL_LABELS = {
+    "fid_ref_fp": "FID-ref, full-precision model",
+    "fid_ref_quantized": "FID-ref, quantized model",
+    "psnr_db": "PSNR vs full-precision samples (dB)",
+    "mse": "MSE vs full-precision samples",
+    "num_images": "images",
+    "num_inference_steps": "DDIM steps",
+}
+
+
+def _evaluation_rows(evaluation: dict | None) -> list[tuple[str, str]]:
+    if not evaluation:
+        return []
+    rows = []
+    for key, value in evaluation.items():
+        if key == "how" or isinstance(value, (dict, list)):
+            continue
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        rows.append((_EVAL_LABELS.get(key, key), text))
+    return rows
+
+
+def _report_summary(report, config) -> dict | None:
+    if report is None or not report.units:
+        return None
+    ratios = []
+    if config.method == "reconstruction":  # round-to-nearest has nothing to compare with
+        ratios = [u.loss_final / u.loss_init for u in report.units if u.loss_init and u.loss_init > 0]
+    return {
+        "units": len(report.units),
+        "median_loss_ratio": statistics.median(ratios) if ratios else None,
+        "seconds": report.calibration_seconds + report.data_seconds,
+    }
+
+
+def _plots_for(report) -> dict[str, bool]:
+    """Which plots a report supports; the card and write_model_card use the same rule."""
+    has_weights = bool(report is not None and report.train_timesteps is not None
+                       and any(u.omega is not None for u in report.units))
+    has_conflict = bool(report is not None and any(u.conflict_before is not None or u.conflict_after is not None
+                                                   for u in report.units))
+    return {SAMPLE_WEIGHTS_PNG: has_weights, CONFLICT_PNG: has_conflict}
+
+
+# The card body. Jinja; the values are prepared in build_model_card so the template stays prose.
+_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+{{ intro }}
+
+## Method
+
+The UNet was quantized after training, without fine-tuning.
+{%- if reconstruction %} The recipe follows Q-Diffusion: calibration inputs are
+taken from the full-precision model's own DDIM sampling trajectory, and the network is rebuilt
+block by block so that each quantized block reproduces the output of its full-precision
+counterpart. Weight rounding is learned with AdaRound (a per-weight choice between rounding down
+and up)
+{%- if act_bits %}; activation ranges start from an exponential moving average of the observed
+minima and maxima and their step sizes are then learned (LSQ){% endif %}.
+{% else %} Weights are rounded to the nearest level of {{ granularity }} ranges (MSE or
+min-max search){% if act_bits %} and activation ranges come from an exponential moving average of the
+minima and maxima observed on calibration inputs from the model's own DDIM trajectory{% endif %};
+nothing is reconstructed (the naive post-training baseline).
+{% endif %}
+{% if gradient_aligned %}
+On top of this recipe, **gradient-aligned calibration** ([arXiv:{{ arxiv }}](https://arxiv.org/abs/{{ arxiv }}))
+weights every calibration sample. Samples from different timesteps pull the reconstruction in
+different, sometimes opposite directions; the weights are meta-learned so that one step on the
+weighted loss also lowers the loss of held-out samples from every group of timesteps, which turns
+those conflicting gradients into aligned ones.
+{% elif reconstruction %}
+Calibration samples were weighted uniformly for this checkpoint (plain Q-Diffusion, no
+gradient-aligned weighting).
+{% endif %}
+## Bit widths
+
+| weights | activations | layers | packed weights | fp32 weights |
+|---|---|---|---|---|
+{% for r in bits_rows -%}
+| {{ r.weights }} | {{ r.acts }} | {{ r.layers }} | {{ "%.2f"|format(r.packed_mb) }} MB | {{ "%.2f"|format(r.fp32_mb) }} MB |
+{% endfor %}
+{% if attention %}Attention matmuls (queries, keys, values and softmax probabilities) are quantized in {{ attention|length }} attention block(s).
+{% endif -%}
+{% if split_layers %}Inputs that concatenate a skip connection have separate quantizers for each half ({{ split_layers }} layers).
+{% endif -%}
+{% if kept_fp %}Kept in full precision: {% for name in kept_fp %}`{{ name }}`{{ ", " if not loop.last }}{% endfor %}.
+{% else %}No layer was kept in full precision.
+{% endif %}
+Weights are stored as densely packed integer codes (two codes per byte at 4 bits) with their
+scales and zero points; the forward pass dequantizes them ("fake" quantization), so the model
+computes in floating point and is smaller on disk, not faster.
+
+## Calibration
+
+| setting | value |
+|---|---|
+{% for k, v in calibration_rows -%}
+| {{ k }} | {{ v }} |
+{% endfor %}
+{% if summary %}
+{{ summary.units }} units were calibrated in {{ "%.0f"|format(summary.seconds) }} s
+{%- if summary.median_loss_ratio is not none %}; the median unit's reconstruction loss went to {{ "%.0f"|format(100 * summary.median_loss_ratio) }} % of its round-to-nearest value{% endif %}.
+{% endif %}
+## Fidelity
+
+{% if evaluation_rows -%}
+Measured against the full-precision model under the same seeds{% if evaluation_how %} ({{ evaluation_how }}){% endif %}:
+
+| metric | value |
+|---|---|
+{% for k, v in evaluation_rows -%}
+| {{ k }} | {{ v }} |
+{% endfor %}
+{% else -%}
+No fidelity evaluation was run for this checkpoint. To measure it against the full-precision
+model, run `diffusers-gaq evaluate DIR --baseline MODEL`, where DIR is this checkpoint folder and
+MODEL the full-precision pipeline (for example `{{ baseline_example }}`).
+{% endif %}
+{% if sample_weights_png %}
+## Calibration sample weights
+
+![Calibration sample weight by timestep]({{ sample_weights_png }})
+
+Mean weight of the calibration samples at each timestep (band: smallest to largest), per block;
+the dashed line is uniform weighting{% if not gradient_aligned %}, which this checkpoint used
+throughout{% endif %}.
+{% endif %}
+{% if conflict_png %}
+## Gradient conflict across timesteps
+
+![Cosine similarity of timestep-group gradients]({{ conflict_png }})
+
+Cosine similarity between the reconstruction gradients of timestep groups, with uniform and with
+learned weights; negative (blue) cells are groups that pull in opposite directions.
+{% endif %}
+## Usage
+
+Install `diffusers-gaq`, then load the quantized UNet and plug it into a pipeline:
+
+```python
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler
+{{ import_line }}
+
+unet = QuantizedUNet2DModel.from_pretrained("{{ repo_id }}")  # this repo's id, or a local copy of it
+{{ scheduler_line }}
+pipe = DDIMPipeline(unet=unet, scheduler=scheduler)
+images = pipe(batch_size=4, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images
+```
+
+A whole pipeline saved with `qpipe.save_pretrained(path)` loads through diffusers' own loader: its
+`model_index.json` names `diffusers_gaq.models.quantized.QuantizedUNet2DModel`. Diffusers does not
+import modules a repository names, so import `diffusers_gaq` first:
+
+```python
+import diffusers
+import diffusers_gaq  # noqa: F401 - makes QuantizedUNet2DModel known to diffusers' loader
+
+pipe = diffusers.DiffusionPipeline.from_pretrained("path/to/saved-pipeline")
+```
+
+## Files
+
+- `config.json`: the base UNet's diffusers config
+- `quantization_config.json`: quantization settings and per-layer bit widths
+- `diffusion_pytorch_model.safetensors`: packed integer weights, scales, zero points, activation step sizes
+- `calibration_report.safetensors` / `.json`: learned sample weights and per-block losses
+
+## References
+
+- Gradient-aligned calibration: Hoang et al., [arXiv:{{ arxiv }}](https://arxiv.org/abs/{{ arxiv }}).
+- Q-Diffusion: Li et al., [arXiv:2302.04304](https://arxiv.org/abs/2302.04304).
+"""
+
+
+def _intro(config, base_model: str | None, act_bits_text: str) -> str:
+    base = f"[`{base_model}`](https://huggingface.co/{base_model})" if _is_repo_id(base_model) else (
+        f"`{base_model}`" if base_model else "a diffusers UNet")
+    return (f"{config.tag.upper()} post-training quantization of {base}: {config.weight_bits}-bit weights and "
+            f"{act_bits_text}, made with diffusers-gaq using "
+            f"{'gradient-aligned' if config.weighting == 'gradient_aligned' else 'uniformly weighted'} calibration.")
+
+
+def build_model_card(model, base_model: str | None = None, license: str | None = None, *,
+                     repo_id: str | None = None):
+    """The model card of a quantized model as a ``huggingface_hub.ModelCard``.
+
+    ``base_model`` defaults to ``model.gaq_base_model``; it goes into the card metadata only when
+    it is a Hub repo id (the Hub rejects local paths there). ``repo_id`` is used in the usage
+    snippet; without it a placeholder stands there, which push_folder replaces."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config = model.gaq_config
+    if config is None:
+        raise ValueError("the model carries no gaq_config; build cards for models from quantize_pipeline() "
+                         "or QuantizedUNet2DModel.from_pretrained()")
+    base_model = base_model or getattr(model, "gaq_base_model", None)
+    gradient_aligned = config.method == "reconstruction" and config.weighting == "gradient_aligned"
+    tags = ["quantization", "diffusers-gaq", config.tag, "diffusers"]
+    if gradient_aligned:
+        tags.append("gradient-aligned-calibration")
+    card_data = ModelCardData(base_model=base_model if _is_repo_id(base_model) else None, library_name="diffusers",
+                              tags=tags, license=license, pipeline_tag="unconditional-image-generation")
+    wrap = model.gaq_wrap
+    plots = _plots_for(model.gaq_report)
+    evaluation = getattr(model, "gaq_evaluation", None) or None
+    act_bits_text = f"{config.act_bits}-bit activations" if config.act_bits else "full-precision activations"
+    if _is_repo_id(base_model):
+        scheduler_line = f'scheduler = DDIMScheduler.from_pretrained("{base_model}", subfolder="scheduler")'
+    else:
+        scheduler_line = ("scheduler = DDIMScheduler()  # 1000 linear-beta steps; "
+                          "use your base model's scheduler config if it differs")
+    card = ModelCard.from_template(
+        card_data,
+        template_str=_TEMPLATE,
+        title=f"{base_model.rstrip('/').split('/')[-1] if base_model else 'UNet'} quantized to {config.tag.upper()} "
+              f"with diffusers-gaq",
+        intro=_intro(config, base_model, act_bits_text),
+        gradient_aligned=gradient_aligned,
+        reconstruction=config.method == "reconstruction",
+        act_bits=config.act_bits,
+        granularity=config.weight_granularity.replace("_", "-"),
+        arxiv=PAPER_ARXIV,
+        bits_rows=_bits_rows(model),
+        attention=list(wrap.attention) if wrap and config.quantize_attention else [],
+        split_layers=len(wrap.split_layers) if wrap else 0,
+        kept_fp=list(wrap.kept_fp) if wrap else [],
+        calibration_rows=_calibration_rows(config),
+        summary=_report_summary(model.gaq_report, config),
+        evaluation_rows=_evaluation_rows(evaluation),
+        evaluation_how=(evaluation or {}).get("how"),
+        baseline_example=base_model or "google/ddpm-cifar10-32",
+        sample_weights_png=SAMPLE_WEIGHTS_PNG if plots[SAMPLE_WEIGHTS_PNG] else None,
+        conflict_png=CONFLICT_PNG if plots[CONFLICT_PNG] else None,
+        import_line=_quant_class_import(),
+        repo_id=repo_id or REPO_ID_PLACEHOLDER,
+        scheduler_line=scheduler_line,
+    )
+    # Optional template sections leave runs of blank lines behind; markdown needs at most one.
+    return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))
+
+
+def write_model_card(model, folder: str | os.PathLike, *, repo_id: str | None = None, base_model: str | None = None,
+                     license: str | None = None) -> Path:
+    """Write README.md, and the plots its report supports, into ``folder``; return README's path.
+
+    A plot that fails to render is logged and left out of the card rather than failing the save:
+    the checkpoint matters more than its pictures."""
+    from . import plots
+
+    folder = Path(folder)
+    report = model.gaq_report
+    wanted = _plots_for(report)
+    drawers = {SAMPLE_WEIGHTS_PNG: plots.plot_sample_weights, CONFLICT_PNG: plots.plot_conflict}
+    failed = []
+    for name, draw in drawers.items():
+        if wanted[name]:
+            try:
+                draw(report, folder / name)
+            except Exception:  # noqa: BLE001 - any plotting failure must not lose the checkpoint
+                logger.warning("could not draw %s; the model card goes without it", name, exc_info=True)
+                failed.append(name)
+    card = build_model_card(model, base_model=base_model, license=license, repo_id=repo_id)
+    text = str(card)
+    for name in failed:  # drop the image links of plots that failed
+        text = "\n".join(line for line in text.splitlines() if f"]({name})" not in line) + "\n"
+    path = folder / CARD_NAME
+    atomic_write_text(path, text)
+    return path
+
+
+# ---- uploads ----------------------------------------------------------------------------------
+def _check_checkpoint_folder(folder: Path) -> None:
+    from .serialization import CheckpointError
+
+    qcfg = folder / CONFIG_NAME
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder; pass a diffusers-gaq checkpoint folder "
+                              f"(made by save_pretrained, holding {CONFIG_NAME})")
+    if not qcfg.is_file():
+        raise CheckpointError(f"{qcfg} is missing: {folder} is not a diffusers-gaq checkpoint, refusing to push it")
+    try:
+        method = json.loads(qcfg.read_text(encoding="utf-8")).get("quant_method")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{qcfg} is not valid JSON ({e}); refusing to push a corrupt checkpoint") from None
+    if method != "gaq":
+        raise CheckpointError(f"{qcfg}: quant_method is {method!r}, not 'gaq'; not a diffusers-gaq checkpoint")
+
+
+def _fill_repo_id(folder: Path, repo_id: str) -> None:
+    """Put the real repo id into a card written before it was known (usage snippet)."""
+    card = folder / CARD_NAME
+    if card.is_file():
+        text = card.read_text(encoding="utf-8")
+        quoted = f'"{REPO_ID_PLACEHOLDER}"'
+        if quoted in text:
+            atomic_write_text(card, text.replace(quoted, f'"{repo_id}"'))
+            logger.info("filled repo id %s into %s", repo_id, card)
+
+
+def _push_error(err: Exception, stage: str, folder: Path, repo_id: str, endpoint: str) -> HubPushError:
+    response = getattr(err, "response", None)
+    status = getattr(response, "status_code", None) if response is not None else None
+    what = f"HTTP {status}" if status else f"connection failed ({type(err).__name__})"
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    hint = ""
+    if status in (401, 403):
+        hint = " The server refused the credentials: set HF_TOKEN (or pass token=) to a token with write access."
+    message = (f"pushing {folder} to {repo_id!r} at {endpoint} failed during {stage}: {what}"
+               f"{': ' + detail if detail else ''}.{hint} The local folder {folder} is intact; retry with "
+               f"`diffusers-gaq push {folder} {repo_id}`, or set HF_TOKEN / HF_ENDPOINT if the token or server "
+               "address is wrong.")
+    return HubPushError(message, status_code=status)
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                revision: str | None = None, create_pr: bool = False, commit_message: str | None = None,
+                endpoint: str | None = None):
+    """Create ``repo_id`` if needed and upload a checkpoint folder; return the CommitInfo
+    (``.commit_url``, ``.oid``, ``.pr_url`` when ``create_pr``).
+
+    The repo id and the folder are checked before any request. Network and HTTP failures raise
+    HubPushError; the folder is never modified beyond filling the repo id into its card."""
+    import httpx2
+    from huggingface_hub import HfApi
+
+    check_repo_id(repo_id)
+    folder = Path(folder)
+    _check_checkpoint_folder(folder)
+    _fill_repo_id(folder, repo_id)
+    # endpoint=None lets huggingface_hub resolve HF_ENDPOINT (or huggingface.co) itself.
+    api = HfApi(endpoint=endpoint or None, token=token)
+    network_errors = (httpx2.HTTPError, ConnectionError, TimeoutError)
+    try:
+        stage = "create_repo"
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        stage = "upload_folder"
+        info = api.upload_folder(folder_path=folder, repo_id=repo_id, revision=revision, create_pr=create_pr,
+                                 commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+                                 ignore_patterns=["**/.*.tmp", ".*.tmp"])
+    except network_errors as err:
+        raise _push_error(err, stage, folder, repo_id, api.endpoint) from err
+    logger.info("pushed %s to %s (%s)", folder, repo_id, getattr(info, "commit_url", info))
+    return info
+
+
+def push_quantized(model, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                   revision: str | None = None, create_pr: bool = False, commit_message: str | None = None,
+                   endpoint: str | None = None, save_directory: str | os.PathLike | None = None,
+                   base_model: str | None = None, license: str | None = None):
+    """Save ``model`` (with a model card naming ``repo_id``) and push it with push_folder.
+
+    With ``save_directory`` the checkpoint stays there (also when the push fails); without it
+    a temporary folder is used and removed afterwards."""
+    check_repo_id(repo_id)  # fail before spending time on the save
+
+    def save_and_push(folder: Path):
+        # The card is written after the save so that it can name the repo the files go to.
+        model.save_pretrained(folder, model_card=False)
+        write_model_card(model, folder, repo_id=repo_id, base_model=base_model, license=license)
+        return push_folder(folder, repo_id, private=private, token=token, revision=revision, create_pr=create_pr,
+                           commit_message=commit_message, endpoint=endpoint)
+
+    if save_directory is not None:
+        return save_and_push(Path(save_directory))
+    with tempfile.TemporaryDirectory(prefix="diffusers-gaq-push-") as tmp:
+        return save_and_push(Path(tmp) / "checkpoint")
+
+
+__all__ = ["HubPushError", "check_repo_id", "build_model_card", "write_model_card", "push_folder", "push_quantized",
+           "REPO_ID_PLACEHOLDER"]

@@ -1,0 +1,340 @@
+"""GradientAlignedQuantizer: validation (every field named in its error), JSON round trip,
+unknown keys, and hypothesis properties over valid / invalid configurations."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from diffusers_gaq.config import CONFIG_NAME, GradientAlignedQuantizer
+
+torch.set_num_threads(1)
+
+FIELDS = [f.name for f in dataclasses.fields(GradientAlignedQuantizer)]
+BOOL_FIELDS = ["weight_symmetric", "act_symmetric", "learn_act_scale", "split_shortcut", "quantize_attention",
+               "carry_scores"]
+CHOICES = {
+    "weight_granularity": ("per_channel", "per_tensor"),
+    "weight_init": ("mse", "minmax"),
+    "timestep_schedule": ("uniform", "normal"),
+    "method": ("reconstruction", "minmax"),
+    "weighting": ("gradient_aligned", "uniform"),
+}
+
+
+def test_defaults_validate_and_match_the_design():
+    cfg = GradientAlignedQuantizer()
+    cfg.validate()
+    assert (cfg.weight_bits, cfg.act_bits) == (4, 8)
+    assert cfg.act_ema_momentum == 0.95 and cfg.round_reg_weight == 0.01 and cfg.round_warmup == 0.2
+    assert (cfg.beta_start, cfg.beta_end) == (20.0, 2.0)
+    assert cfg.tau == 1.0 and cfg.num_groups == 5 and cfg.val_fraction == 0.05
+    assert cfg.weighting == "gradient_aligned" and cfg.method == "reconstruction"
+    assert cfg.tag == "w4a8" and GradientAlignedQuantizer(act_bits=None).tag == "w4a32"
+    assert CONFIG_NAME == "quantization_config.json"
+
+
+def test_valid_edge_values_accepted():
+    GradientAlignedQuantizer(weight_bits=2, act_bits=4)
+    GradientAlignedQuantizer(weight_bits=8, act_bits=16)
+    GradientAlignedQuantizer(act_bits=None)
+    GradientAlignedQuantizer(method="minmax", weighting="uniform")
+    GradientAlignedQuantizer(val_fraction=0.0, meta_iters=0, recon_iters=0, act_lr=0.0, inner_lr=0.0, meta_lr=0)
+    GradientAlignedQuantizer(num_inference_steps=2, num_calibration_timesteps=2, num_groups=2)
+    GradientAlignedQuantizer(num_calibration_timesteps=7, num_groups=7)
+    GradientAlignedQuantizer(tau=1, weight_lr=1)  # ints are fine for float fields
+    GradientAlignedQuantizer(seed=2**32 - 1, device="cpu")
+    assert GradientAlignedQuantizer(keep_fp="conv_out").keep_fp == ("conv_out",)
+    assert GradientAlignedQuantizer(keep_fp=["conv_out", "time_embedding.*"]).keep_fp == ("conv_out", "time_embedding.*")
+
+
+INVALID = [
+    ("weight_bits", 1), ("weight_bits", 9), ("weight_bits", 4.0), ("weight_bits", True), ("weight_bits", "4"),
+    ("weight_bits", None),
+    ("act_bits", 3), ("act_bits", 17), ("act_bits", 8.0), ("act_bits", True), ("act_bits", 0),
+    ("weight_granularity", "per_row"), ("weight_init", "max"), ("timestep_schedule", "linear"),
+    ("method", "adaround"), ("weighting", "meta"), ("weighting", None), ("method", "MINMAX"),
+    *[(name, 1) for name in BOOL_FIELDS], *[(name, 0) for name in BOOL_FIELDS], ("split_shortcut", "yes"),
+    ("keep_fp", ("",)), ("keep_fp", ("conv_out", 3)), ("keep_fp", ""),
+    ("act_ema_momentum", 1.0), ("act_ema_momentum", -0.1), ("act_ema_momentum", float("nan")),
+    ("num_inference_steps", 1), ("num_inference_steps", 10_001), ("num_inference_steps", 50.0),
+    ("num_calibration_timesteps", 0), ("num_calibration_timesteps", 51),
+    ("samples_per_timestep", 0), ("calibration_batch_size", 0), ("recon_iters", -1), ("recon_batch_size", 0),
+    ("weight_lr", 0.0), ("weight_lr", -1e-2), ("weight_lr", float("inf")), ("act_lr", -1e-3),
+    ("round_reg_weight", -0.01), ("round_warmup", 1.0), ("round_warmup", -0.1),
+    ("beta_start", 0.0), ("beta_end", -2.0), ("beta_end", True),
+    ("val_fraction", 0.5), ("val_fraction", 0.7), ("val_fraction", -0.05),
+    ("num_groups", 0), ("num_groups", 11), ("tau", 0.0), ("tau", -1.0),
+    ("meta_iters", -1), ("meta_batch_size", 0), ("inner_lr", -1e-2), ("meta_lr", -0.1), ("meta_lr", "0.1"),
+    ("seed", -1), ("seed", 2**32), ("seed", 1.5), ("device", 0),
+]
+
+
+@pytest.mark.parametrize("name,value", INVALID, ids=[f"{n}={v!r}" for n, v in INVALID])
+def test_invalid_value_raises_naming_the_field(name, value):
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        GradientAlignedQuantizer(**{name: value})
+    # replace() validates too
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        GradientAlignedQuantizer().replace(**{name: value})
+
+
+def test_num_groups_bounded_by_calibration_timesteps():
+    with pytest.raises(ValueError, match="num_groups"):
+        GradientAlignedQuantizer(num_calibration_timesteps=4, num_groups=5)
+    GradientAlignedQuantizer(num_calibration_timesteps=4, num_groups=4)
+
+
+def test_gradient_aligned_with_minmax_refused():
+    with pytest.raises(ValueError, match="weighting") as e:
+        GradientAlignedQuantizer(method="minmax")
+    assert "method" in str(e.value)
+
+
+def test_validate_catches_mutation():
+    cfg = GradientAlignedQuantizer()
+    cfg.weight_bits = 12
+    with pytest.raises(ValueError, match="weight_bits"):
+        cfg.validate()
+
+
+@pytest.mark.parametrize("value", [None, 5])
+def test_keep_fp_non_iterable_raises_value_error(value):
+    with pytest.raises(ValueError, match="keep_fp"):
+        GradientAlignedQuantizer(keep_fp=value)
+
+
+def test_device_string_is_validated():
+    with pytest.raises(ValueError, match="device"):
+        GradientAlignedQuantizer(device="banana")
+
+
+# ---------------------------------------------------------------------------------------------
+# serialisation
+# ---------------------------------------------------------------------------------------------
+
+NON_DEFAULT = dict(weight_bits=3, act_bits=None, weight_granularity="per_tensor", weight_symmetric=True,
+                   weight_init="minmax", act_symmetric=True, act_ema_momentum=0.9, learn_act_scale=False,
+                   split_shortcut=False, quantize_attention=False, keep_fp=("conv_out", "time_embedding.*"),
+                   num_inference_steps=100, num_calibration_timesteps=20, samples_per_timestep=3,
+                   timestep_schedule="normal", calibration_batch_size=7, method="minmax", recon_iters=11,
+                   recon_batch_size=5, weight_lr=0.1234567890123, act_lr=0.0, round_reg_weight=1e-3,
+                   round_warmup=0.0, beta_start=1e3, beta_end=0.5, weighting="uniform", val_fraction=0.25,
+                   num_groups=20, tau=0.3, meta_iters=0, meta_batch_size=9, inner_lr=1e-7, meta_lr=2.5,
+                   carry_scores=True, seed=2**32 - 1, device="cpu")
+
+
+def test_non_default_covers_every_field():
+    assert set(NON_DEFAULT) == set(FIELDS)
+    default = GradientAlignedQuantizer()
+    for name, value in NON_DEFAULT.items():
+        assert getattr(default, name) != value, name
+
+
+@pytest.mark.parametrize("kwargs", [{}, NON_DEFAULT], ids=["default", "non_default"])
+def test_json_round_trip_exact(tmp_path, kwargs):
+    cfg = GradientAlignedQuantizer(**kwargs)
+    d = cfg.to_dict()
+    assert d["quant_method"] == "gaq"
+    assert isinstance(d["keep_fp"], list)
+    json.dumps(d)  # JSON-serialisable as is
+    back = GradientAlignedQuantizer.from_dict(d)
+    assert back == cfg and back.to_dict() == d
+    path = tmp_path / CONFIG_NAME
+    cfg.to_json_file(path)
+    loaded = GradientAlignedQuantizer.from_json_file(path)
+    assert loaded == cfg
+    assert type(loaded.keep_fp) is tuple
+    for name in FIELDS:
+        a, b = getattr(cfg, name), getattr(loaded, name)
+        assert type(a) is type(b) and a == b, name
+    assert path.read_text() == cfg.to_json_string()
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temporary file
+
+
+def test_from_dict_does_not_mutate_its_input():
+    d = GradientAlignedQuantizer().to_dict()
+    copy = dict(d)
+    GradientAlignedQuantizer.from_dict(d)
+    assert d == copy
+
+
+def test_unknown_keys_refused(tmp_path):
+    d = GradientAlignedQuantizer().to_dict()
+    d["weight_bitz"] = 4
+    with pytest.raises(ValueError, match="weight_bitz"):
+        GradientAlignedQuantizer.from_dict(d)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="weight_bitz"):
+        GradientAlignedQuantizer.from_json_file(path)
+
+
+def test_from_json_file_errors(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        GradientAlignedQuantizer.from_json_file(path)
+    path.write_text(json.dumps({"weight_bits": 1}))
+    with pytest.raises(ValueError, match="weight_bits"):
+        GradientAlignedQuantizer.from_json_file(path)
+
+
+def test_from_json_file_partial_and_nested(tmp_path):
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps({"weight_bits": 8, "act_bits": None}))
+    cfg = GradientAlignedQuantizer.from_json_file(path)
+    assert cfg == GradientAlignedQuantizer(weight_bits=8, act_bits=None)
+    path.write_text(json.dumps({"config": GradientAlignedQuantizer(seed=5).to_dict()}))
+    assert GradientAlignedQuantizer.from_json_file(path).seed == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# hypothesis properties
+# ---------------------------------------------------------------------------------------------
+
+
+def _pos_float(hi=10.0):
+    return st.floats(min_value=0.0, max_value=hi, exclude_min=True, allow_nan=False, allow_infinity=False)
+
+
+def _nonneg_float(hi=10.0):
+    return st.floats(min_value=0.0, max_value=hi, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def valid_kwargs(draw):
+    k = draw(st.integers(2, 10_000))
+    s = draw(st.integers(1, min(k, 50)))
+    method = draw(st.sampled_from(CHOICES["method"]))
+    weighting = "uniform" if method == "minmax" else draw(st.sampled_from(CHOICES["weighting"]))
+    kw = dict(
+        weight_bits=draw(st.integers(2, 8)),
+        act_bits=draw(st.none() | st.integers(4, 16)),
+        weight_granularity=draw(st.sampled_from(CHOICES["weight_granularity"])),
+        weight_init=draw(st.sampled_from(CHOICES["weight_init"])),
+        timestep_schedule=draw(st.sampled_from(CHOICES["timestep_schedule"])),
+        method=method,
+        weighting=weighting,
+        act_ema_momentum=draw(st.floats(0.0, 1.0, exclude_max=True)),
+        keep_fp=tuple(draw(st.lists(st.text(min_size=1, max_size=12), max_size=4))),
+        num_inference_steps=k,
+        num_calibration_timesteps=s,
+        samples_per_timestep=draw(st.integers(1, 10_000)),
+        calibration_batch_size=draw(st.integers(1, 4096)),
+        recon_iters=draw(st.integers(0, 100_000)),
+        recon_batch_size=draw(st.integers(1, 4096)),
+        weight_lr=draw(_pos_float()),
+        act_lr=draw(_nonneg_float()),
+        round_reg_weight=draw(_nonneg_float()),
+        round_warmup=draw(st.floats(0.0, 1.0, exclude_max=True)),
+        beta_start=draw(_pos_float(100.0)),
+        beta_end=draw(_pos_float(100.0)),
+        val_fraction=draw(st.floats(0.0, 0.5, exclude_max=True)),
+        num_groups=draw(st.integers(1, s)),
+        tau=draw(_pos_float(100.0)),
+        meta_iters=draw(st.integers(0, 10_000)),
+        meta_batch_size=draw(st.integers(1, 4096)),
+        inner_lr=draw(_nonneg_float()),
+        meta_lr=draw(_nonneg_float()),
+        seed=draw(st.integers(0, 2**32 - 1)),
+        device=draw(st.none() | st.sampled_from(["cpu", "cuda", "cuda:1"])),
+    )
+    for name in BOOL_FIELDS:
+        kw[name] = draw(st.booleans())
+    assert set(kw) == set(FIELDS)
+    return kw
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kw=valid_kwargs())
+def test_property_valid_configs_round_trip(tmp_path_factory, kw):
+    cfg = GradientAlignedQuantizer(**kw)
+    text = cfg.to_json_string()
+    back = GradientAlignedQuantizer.from_dict(json.loads(text))
+    assert back == cfg
+    for name in FIELDS:
+        a, b = getattr(cfg, name), getattr(back, name)
+        assert type(a) is type(b), name
+        if isinstance(a, float):
+            assert a == b or (math.isnan(a) and math.isnan(b))
+    path = tmp_path_factory.mktemp("cfg") / CONFIG_NAME
+    cfg.to_json_file(path)
+    assert GradientAlignedQuantizer.from_json_file(path) == cfg
+
+
+_not_int = st.floats(allow_nan=True) | st.booleans() | st.text(max_size=3) | st.none()
+_not_float = st.booleans() | st.text(max_size=3) | st.none() | st.just(float("nan")) | st.just(float("inf"))
+_not_bool = st.integers() | st.text(max_size=3) | st.none() | st.floats(allow_nan=False)
+
+
+def _bad_int(lo, hi=None):
+    out = st.integers(max_value=lo - 1) | _not_int
+    return out | st.integers(min_value=hi + 1) if hi is not None else out
+
+
+def _bad_float(lo, hi=None, lo_open=False, hi_open=False):
+    below = st.floats(max_value=lo, exclude_max=not lo_open, allow_nan=False, allow_infinity=False)
+    out = below | _not_float
+    if hi is not None:
+        out = out | st.floats(min_value=hi, exclude_min=not hi_open, allow_nan=False, allow_infinity=False)
+    return out
+
+
+def _bad_choice(name):
+    return st.text(max_size=20).filter(lambda s: s not in CHOICES[name]) | st.integers() | st.none()
+
+
+@st.composite
+def one_invalid(draw):
+    kw = draw(valid_kwargs())
+    k, s = kw["num_inference_steps"], kw["num_calibration_timesteps"]
+    bad = {
+        "weight_bits": _bad_int(2, 8),
+        "act_bits": (st.integers(max_value=3) | st.integers(min_value=17) | st.booleans() | st.floats()
+                     | st.text(max_size=3)),
+        "act_ema_momentum": _bad_float(0.0, 1.0, hi_open=True),
+        "keep_fp": st.lists(st.just("") | st.integers() | st.none(), min_size=1, max_size=3).map(tuple),
+        "num_inference_steps": _bad_int(2, 10_000),
+        "num_calibration_timesteps": st.integers(max_value=0) | st.integers(min_value=k + 1) | _not_int,
+        "samples_per_timestep": _bad_int(1),
+        "calibration_batch_size": _bad_int(1),
+        "recon_iters": _bad_int(0),
+        "recon_batch_size": _bad_int(1),
+        "weight_lr": _bad_float(0.0, lo_open=True),
+        "act_lr": _bad_float(0.0),
+        "round_reg_weight": _bad_float(0.0),
+        "round_warmup": _bad_float(0.0, 1.0, hi_open=True),
+        "beta_start": _bad_float(0.0, lo_open=True),
+        "beta_end": _bad_float(0.0, lo_open=True),
+        "val_fraction": _bad_float(0.0, 0.5, hi_open=True),
+        "num_groups": st.integers(max_value=0) | st.integers(min_value=s + 1) | _not_int,
+        "tau": _bad_float(0.0, lo_open=True),
+        "meta_iters": _bad_int(0),
+        "meta_batch_size": _bad_int(1),
+        "inner_lr": _bad_float(0.0),
+        "meta_lr": _bad_float(0.0),
+        "seed": _bad_int(0, 2**32 - 1),
+        "device": st.integers() | st.floats() | st.booleans(),
+    }
+    for name in CHOICES:
+        bad[name] = _bad_choice(name)
+    for name in BOOL_FIELDS:
+        bad[name] = _not_bool
+    assert set(bad) == set(FIELDS)
+    name = draw(st.sampled_from(sorted(bad)))
+    kw[name] = draw(bad[name])
+    return name, kw
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(case=one_invalid())
+def test_property_one_invalid_field_refused_by_name(case):
+    name, kw = case
+    with pytest.raises(ValueError) as e:
+        GradientAlignedQuantizer(**kw)
+    assert name in str(e.value)
