@@ -81,19 +81,65 @@ def _check_output(path: Path, overwrite: bool) -> None:
         raise CLIError(f"less than 200 MiB free under {probe}; free some space or choose another folder")
 
 
+def _check_model_id(model: str) -> None:
+    """'reference' and existing folders load as they are; anything else must be a well-formed Hub id."""
+    if model == REFERENCE or Path(model).exists():
+        return
+    from .hub import check_repo_id
+
+    try:
+        check_repo_id(model)
+    except ValueError as e:
+        raise CLIError(f"{model!r} is neither 'reference' nor an existing folder, and not a Hub id either: {e}"
+                       ) from None
+
+
+def _check_checkpoint_dir(checkpoint_dir: Path | None, out: Path, resume: bool) -> None:
+    from .checkpointing import check_checkpoint_dir
+
+    # The output folder is replaced as a whole when the result is saved: a checkpoint inside it would go too.
+    if checkpoint_dir is not None and (checkpoint_dir.resolve() == out.resolve()
+                                       or out.resolve() in checkpoint_dir.resolve().parents):
+        raise CLIError(f"--checkpoint-dir {checkpoint_dir} is inside --output {out}; choose a folder outside it")
+    check_checkpoint_dir(checkpoint_dir, resume)
+
+
+def _check_space_for_model(out: Path, unet) -> None:
+    """The saved pipeline is smaller than the FP UNet (packed integers); ask for that much room."""
+    import shutil
+
+    need = sum(t.numel() * t.element_size() for t in unet.state_dict().values()) + 16 * 2**20
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise CLIError(f"the quantized pipeline needs up to {need / 2**20:.0f} MiB under {probe}, only "
+                       f"{free / 2**20:.0f} MiB are free; free some space or choose another --output")
+
+
 def cmd_quantize(args) -> int:
     from .distributed import is_main_process, wait_for_everyone
     from .pipeline import check_pipeline, quantize_pipeline
     from .serialization import save_quantized_pipeline
+    from .utils import resolve_device
 
-    config = build_config(args)  # bad settings fail here, before anything is loaded or sampled
+    # Everything that can be checked without the model is checked before it is loaded; the rest
+    # (pipeline type, disk space for its size, the checkpoint's fingerprint) before any sampling.
+    config = build_config(args)
+    resolve_device(config.device)
     out = Path(args.output)
     _check_output(out, args.overwrite)
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    _check_checkpoint_dir(checkpoint_dir, out, args.resume)
+    _check_model_id(args.model)
     pipe = load_pipeline(args.model)
     check_pipeline(pipe)
+    _check_space_for_model(out, pipe.unet)
     start = time.perf_counter()
-    qpipe = quantize_pipeline(pipe, config, progress=not args.quiet)
-    qpipe.unet.gaq_base_model = None if args.model == REFERENCE else args.model
+    qpipe = quantize_pipeline(pipe, config, progress=not args.quiet, checkpoint_dir=checkpoint_dir, resume=args.resume)
+    if args.model != REFERENCE:
+        qpipe.unet.gaq_base_model = args.model
     if is_main_process():
         save_quantized_pipeline(qpipe, out, overwrite=args.overwrite)
         print(f"quantized {config.tag} in {time.perf_counter() - start:.0f}s -> {out}")
@@ -105,8 +151,19 @@ def _load_pair(directory: str, baseline: str | None):
     from .serialization import load_quantized_pipeline
 
     qpipe = load_quantized_pipeline(directory)
+    from .reference import PIPELINE_DIR
+
     base_id = baseline or getattr(qpipe.unet, "gaq_base_model", None) or REFERENCE
+    if Path(base_id).resolve() == PIPELINE_DIR.resolve():
+        base_id = REFERENCE
     return qpipe, load_pipeline(base_id), base_id
+
+
+def _save_png(image, path: Path) -> None:
+    from .utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")  # the temporary name ends in .tmp: name the format
 
 
 def cmd_evaluate(args) -> int:
@@ -120,8 +177,8 @@ def cmd_evaluate(args) -> int:
     images = result.pop("images")
     report_dir = Path(args.report or directory / "evaluation")
     report_dir.mkdir(parents=True, exist_ok=True)
-    image_grid(images["fp"][:64], nrow=8).save(report_dir / "samples_fp.png")
-    image_grid(images["quantized"][:64], nrow=8).save(report_dir / "samples_quantized.png")
+    _save_png(image_grid(images["fp"][:64], nrow=8), report_dir / "samples_fp.png")
+    _save_png(image_grid(images["quantized"][:64], nrow=8), report_dir / "samples_quantized.png")
     result["baseline"] = base_id
     atomic_write_text(report_dir / "evaluation.json", json.dumps(result, indent=2) + "\n")
     _print_table([("FP", result.get("fid_ref_fp"), None, result["fp_sampling_seconds"]),
@@ -196,6 +253,7 @@ def cmd_demo(args) -> int:
     from .pipeline import quantize_pipeline
     from .reference import load_reference_pipeline
     from .serialization import save_quantized_pipeline
+    from .utils import atomic_write_text
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,10 +272,10 @@ def cmd_demo(args) -> int:
     side = Image.new("L", (fp_grid.width * 2 + 8, fp_grid.height), 255)
     side.paste(fp_grid, (0, 0))
     side.paste(q_grid, (fp_grid.width + 8, 0))
-    side.save(out / "fp_vs_quantized.png")
+    _save_png(side, out / "fp_vs_quantized.png")
     qpipe.unet.gaq_evaluation = result
     save_quantized_pipeline(qpipe, out / "pipeline", overwrite=True)
-    (out / "demo.json").write_text(json.dumps({"calibration_seconds": calib, **result}, indent=2) + "\n")
+    atomic_write_text(out / "demo.json", json.dumps({"calibration_seconds": calib, **result}, indent=2) + "\n")
     print(f"wrote {out / 'fp_vs_quantized.png'} (left FP, right {config.tag}) and the checkpoint {out / 'pipeline'}")
     return 0
 
@@ -243,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int)
     q.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    q.add_argument("--checkpoint-dir", help="save the calibration state here after the data and after every "
+                   "unit, so that --resume can continue an interrupted run")
+    q.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir (same settings and model; "
+                   "the result is bit-identical to an uninterrupted run); starts afresh if it holds no checkpoint")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
 

@@ -42,7 +42,8 @@ class GradientAlignedQuantizer:
         "normal" (PTQ4DM); calibration_batch_size for sampling the trajectories.
     Reconstruction
         method "reconstruction" (AdaRound + LSQ, block by block) | "minmax" (round-to-nearest);
-        recon_iters, recon_batch_size, weight_lr (AdaRound V), act_lr (step sizes),
+        recon_iters, recon_batch_size, weight_lr (AdaRound V), act_lr (step sizes; relative: the
+        fraction of its initial value a step size may move per Adam step),
         round_reg_weight (lambda), round_warmup (fraction without regulariser), beta_start/beta_end.
     Sample weights (the paper's Algorithms 1-2)
         weighting "gradient_aligned" | "uniform"; val_fraction held out per timestep; num_groups

@@ -236,6 +236,8 @@ computes in floating point and is smaller on disk, not faster.
 {{ summary.units }} units were calibrated in {{ "%.0f"|format(summary.seconds) }} s
 {%- if summary.median_loss_ratio is not none %}; the median unit's reconstruction loss went to {{ "%.0f"|format(100 * summary.median_loss_ratio) }} % of its round-to-nearest value{% endif %}.
 {% endif %}
+{% if fallback_units %}Reconstruction diverged for {{ fallback_units|length }} unit(s), which kept round-to-nearest weights: {% for u in fallback_units %}`{{ u.name }}` ({{ u.fallback }}){{ ", " if not loop.last }}{% endfor %}.
+{% endif %}
 ## Fidelity
 
 {% if evaluation_rows -%}
@@ -362,6 +364,7 @@ def build_model_card(model, base_model: str | None = None, license: str | None =
         kept_fp=list(wrap.kept_fp) if wrap else [],
         calibration_rows=_calibration_rows(config),
         summary=_report_summary(model.gaq_report, config),
+        fallback_units=[u for u in model.gaq_report.units if u.fallback] if model.gaq_report else [],
         evaluation_rows=_evaluation_rows(evaluation),
         evaluation_how=(evaluation or {}).get("how"),
         baseline_example=base_model or "google/ddpm-cifar10-32",
@@ -408,7 +411,9 @@ def write_model_card(model, folder: str | os.PathLike, *, repo_id: str | None = 
 def _check_checkpoint_folder(folder: Path) -> None:
     from .serialization import CheckpointError
 
-    qcfg = folder / CONFIG_NAME
+    # A whole saved pipeline (model_index.json, unet/...) is a checkpoint too: its UNet holds the config.
+    qcfg = folder / CONFIG_NAME if (folder / CONFIG_NAME).is_file() or not (folder / "unet").is_dir() \
+        else folder / "unet" / CONFIG_NAME
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; pass a diffusers-gaq checkpoint folder "
                               f"(made by save_pretrained, holding {CONFIG_NAME})")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 
 import torch
 
 from .calibration.calibrate import calibrate_model
 from .calibration.data import CalibrationData, collect_calibration_data
+from .checkpointing import open_checkpoint
 from .config import GradientAlignedQuantizer
 from .distributed import detect, unit_sync_check
 from .models import family_for
@@ -37,7 +39,8 @@ def check_pipeline(pipe) -> None:
 
 def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
                       calibration_data: CalibrationData | None = None, progress: bool = True,
-                      record_conflict: bool = False):
+                      record_conflict: bool = False, checkpoint_dir: str | os.PathLike | None = None,
+                      resume: bool = False):
     """Quantize ``pipe.unet`` and return a new pipeline of the same class that samples as usual.
 
     The caller's pipeline is left unchanged: its UNet is copied, the copy's Conv2d / Linear layers
@@ -45,6 +48,12 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
     (or on ``calibration_data``), unit by unit, with the sample weights ``config.weighting`` asks
     for. The returned ``pipeline.unet`` is a ``QuantizedUNet2DModel`` (still a ``UNet2DModel``)
     whose ``gaq_report`` holds per-unit losses, the learned sample weights and timings.
+
+    ``checkpoint_dir``: save the calibration state there (atomically) once the calibration data is
+    collected and after every finished unit; ``resume=True`` continues from it, and the result is
+    bit-identical to an uninterrupted run. A checkpoint of another config or model is refused.
+    Everything that can be checked (config, pipeline, device, data, checkpoint) is checked before
+    any sampling. See docs/reliability.md.
     """
     config = config or GradientAlignedQuantizer()
     config.validate()
@@ -53,6 +62,8 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
     device = resolve_device(config.device)
     if calibration_data is not None:
         calibration_data.check(pipe.unet.config.in_channels, pipe.unet.config.sample_size)
+    # A foreign, corrupt or unwanted checkpoint is refused here, before any work.
+    checkpoint, resumed = open_checkpoint(checkpoint_dir, resume, pipe, config, calibration_data)
 
     # Under `accelerate launch` / torchrun every process runs this same function (DESIGN.md section 7):
     # trajectories and minibatches are split, parameters stay identical, the same pipeline is returned.
@@ -63,6 +74,7 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
 
     unet = copy.deepcopy(pipe.unet).to(device).eval().requires_grad_(False)
     t0 = time.perf_counter()
+    calibration_data = calibration_data if calibration_data is not None else resumed.data
     if calibration_data is None:
         shard = {}
         if dist is not None:
@@ -70,14 +82,23 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
             shard = {"trajectory_ids": ids, "gather": dist.trajectory_gatherer(ids)}
         calibration_data = collect_calibration_data(unet, pipe.scheduler.config, family, config, device, progress,
                                                     **shard)
-    data_seconds = time.perf_counter() - t0
+    data_seconds = resumed.data_seconds if resumed.data is not None else time.perf_counter() - t0
+    if checkpoint is not None and resumed.data is None:
+        checkpoint.save_data(calibration_data, data_seconds)
 
     wrap = wrap_model(unet, config, family)
     logger.info("wrapped %d layers (%d kept FP, %d split inputs, %d attention cores)", len(wrap.layer_bits),
                 len(wrap.kept_fp), len(wrap.split_layers), len(wrap.attention))
+    resumed.restore(unet, family)  # the finished units' state; nothing when starting fresh
+    on_unit_done = unit_sync_check(dist, unet, family)
+    if checkpoint is not None:
+        on_unit_done = checkpoint.unit_callback(unet, family, resumed, then=on_unit_done)
     report = calibrate_model(unet, family, calibration_data, config, progress=progress, record_conflict=record_conflict,
-                             dist=dist, on_unit_done=unit_sync_check(dist, unet, family))
+                             dist=dist, start_unit=resumed.next_unit, scores=resumed.scores, on_unit_done=on_unit_done)
+    resumed.merge_into(report)
     report.data_seconds = data_seconds
     set_quant_state(unet, weight=True, act=bool(config.act_bits))
     mark_quantized(unet, config, wrap, report)
+    # Where the FP model came from (a Hub id or a folder): the model card and `evaluate` use it.
+    unet.gaq_base_model = getattr(pipe, "name_or_path", None) or getattr(pipe.unet.config, "_name_or_path", None)
     return type(pipe)(unet=unet, scheduler=copy.deepcopy(pipe.scheduler))

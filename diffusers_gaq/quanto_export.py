@@ -61,23 +61,50 @@ C++ extension (``torch.ops.quanto.unpack``, library/extensions/cpp) into site-pa
 30 s on an idle machine, about a minute on a busy one, a few seconds to load afterwards; it needs
 a C++ compiler. Only float32 layers are supported, because quanto stores scales in the layer's
 dtype (and refuses to change a quantized weight's dtype) and a cast would change our numerics.
+
+Whole models: :func:`export_to_quanto` turns a calibrated ``QuantizedUNet2DModel`` into a plain
+``UNet2DModel`` of quanto modules (or refuses, naming every layer quanto cannot express and why);
+:func:`save_quanto` / :func:`load_quanto` store it in quanto's own folder layout (``config.json``,
+``quanto_qmap.json``, ``diffusion_pytorch_model.safetensors``) and reload it bit-identically.
+End to end, a W4A8 export computes exactly what our model computes (every path dequantizes and runs
+the same float op). A W8A8 export's 8-bit Linear layers sum in int32, and the resulting ~1e-7
+relative differences can move a value across the rounding boundary of a later 8-bit activation
+quantizer, i.e. by one whole step; since the time embedding is added to every pixel, one such flip
+can shift a whole sample (our own model shifts the same way when only the batch split changes).
+Layer by layer the export is exact to the bound above; tests/test_quanto_export.py states the
+end-to-end tolerances it uses.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from optimum.quanto import qint2, qint4, qint8, requantize
+from optimum.quanto import qint2, qint4, qint8, quantization_map, requantize
 from optimum.quanto.nn import QConv2d, QLinear, QModuleMixin
 from optimum.quanto.tensor import group
 from optimum.quanto.tensor.weights import WeightQBitsTensor, WeightQBytesTensor
 
-__all__ = ["to_quanto_module", "restore_input_only_activations", "requantize_exported", "OUTPUT_SCALE_MARKER"]
+__all__ = [
+    "to_quanto_module",
+    "restore_input_only_activations",
+    "requantize_exported",
+    "export_to_quanto",
+    "save_quanto",
+    "load_quanto",
+    "OUTPUT_SCALE_MARKER",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -303,3 +330,331 @@ def requantize_exported(
     if names:
         logger.info("restored input-only activation quantization on %d module(s)", len(names))
     return model
+
+
+# ----------------------------------------------------------------------------- whole models
+
+# The folder layout of optimum-quanto's own ``QuantizedDiffusersModel`` (models/diffusers_models.py):
+# the base model's config, its state dict with quanto's flattened QTensors, and quanto's quantization map.
+MODEL_CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+QMAP_NAME = "quanto_qmap.json"
+
+_WEIGHT_SHIFT_LIMITS = (-128, 127)  # qint8 data range; see _qbytes_weight
+_GAQ_ATTRIBUTES = ("gaq_config", "gaq_wrap", "gaq_report", "gaq_evaluation", "gaq_base_model")
+
+# Reasons a model is refused; the keys group the offending layers in the error message.
+_R_NOT_FROZEN = "weights are not calibrated (weight quantizer not frozen); quantize with quantize_pipeline() first"
+_R_NO_WEIGHT_QUANT = "the layer has no weight quantizer"
+_R_WEIGHT_OFF = (
+    "weight quantization is switched off (set_quant_state): the model computes with float weights, "
+    "which a quanto module cannot"
+)
+_R_ASYM_W8 = (
+    "asymmetric 8-bit weights: quanto's qint8 weights are symmetric (int8 data times a per-channel scale, no "
+    "zero point), and here some code minus its zero point leaves int8 [-128, 127] (quantize with weight_symmetric=True)"
+)
+_R_SPLIT = (
+    "split input (split_shortcut=True): two activation quantizers on the two halves of a skip concatenation, "
+    "but a quanto module has a single input scale (quantize with split_shortcut=False)"
+)
+_R_ASYM_ACT = (
+    "asymmetric activation quantizer (act_symmetric=False): quanto's qint8 activations are symmetric, "
+    "clamp(round(x/s), -128, 127) with no zero point (quantize with act_symmetric=True)"
+)
+_R_ACT_BITS = "activations other than 8-bit: quanto quantizes activations to qint8 only"
+_R_OBSERVING = "activation quantizer is still observing (calibration did not finish)"
+_R_ATTENTION = (
+    "quantized attention matmuls (quantize_attention=True): q, k, v and the softmax probabilities are quantized "
+    "inside the attention product, which quanto has no module for (quantize with quantize_attention=False)"
+)
+
+
+def _base_class(model: nn.Module) -> type:
+    """The diffusers class under our ``Quantized*`` subclass (the model's own class if it has none)."""
+    from .models.quantized import QuantizedModelMixin
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, QuantizedModelMixin))
+
+
+def _per_out_channel(t: torch.Tensor, out_channels: int) -> torch.Tensor:
+    # A per-tensor weight quantizer is the per-channel one with every channel equal.
+    t = t.detach().reshape(-1)
+    return t.expand(out_channels) if t.numel() == 1 else t
+
+
+def _act_is_applied(layer) -> bool:
+    """Whether the wrapper quantizes its input in its current state (mirrors QuantLayer.forward)."""
+    aq = layer.act_quantizer
+    return bool(layer.use_act_quant and aq is not None and (aq.observing or bool(aq.initialized)))
+
+
+def _layer_plan(layer, activations: bool) -> tuple[dict | None, str | None]:
+    """``to_quanto_module`` keyword arguments for one QuantLayer, or the reason quanto cannot express it."""
+    wq = layer.weight_quantizer
+    if wq is None:
+        return None, _R_NO_WEIGHT_QUANT
+    if wq.mode != "frozen" or wq.codes is None:
+        return None, _R_NOT_FROZEN
+    if not layer.use_weight_quant:
+        return None, _R_WEIGHT_OFF
+    if wq.bits not in _WEIGHT_QTYPES:
+        return None, f"{wq.bits}-bit weights: quanto has qint2, qint4 and qint8 weights only"
+    out_channels = layer.layer.weight.shape[0]
+    scale = _per_out_channel(wq.scale, out_channels)
+    zero_point = _per_out_channel(wq.zero_point, out_channels)
+    if wq.bits == 8:
+        # Checked here (to_quanto_module would too) to report it once for all layers, in our terms.
+        shifted = wq.codes.to(torch.int16) - _channel_view(zero_point, wq.codes.dim()).to(torch.int16)
+        if int(shifted.min()) < _WEIGHT_SHIFT_LIMITS[0] or int(shifted.max()) > _WEIGHT_SHIFT_LIMITS[1]:
+            return None, _R_ASYM_W8
+    kwargs = dict(w_int=wq.codes, scale=scale, zero_point=zero_point, bits=wq.bits)
+    if activations and _act_is_applied(layer):
+        aq = layer.act_quantizer
+        if aq.observing:
+            return None, _R_OBSERVING
+        if layer.split_quantizer is not None:
+            return None, _R_SPLIT
+        if aq.bits != _ACT_BITS:
+            return None, _R_ACT_BITS
+        if aq.unsigned or float(aq.zero_point) != _ACT_SYMMETRIC_ZERO_POINT:
+            return None, _R_ASYM_ACT
+        # The step our ActQuantizer uses in its forward, to the bit (float32 arithmetic).
+        kwargs.update(act_scale=aq.scale.detach().abs() + 1e-12, act_zero_point=aq.zero_point.detach(), act_bits=aq.bits)
+    return kwargs, None
+
+
+def _format_problems(problems: dict[str, list[str]], activations: bool) -> str:
+    lines = [
+        "cannot export this model to optimum-quanto exactly; nothing was exported. "
+        f"{sum(map(len, problems.values()))} module(s) use what quanto cannot express:"
+    ]
+    for reason, names in problems.items():
+        shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+        lines.append(f"  - {reason}: {shown}")
+    if activations and set(problems) <= {_R_SPLIT, _R_ASYM_ACT, _R_ACT_BITS, _R_ATTENTION}:
+        lines.append(
+            "Every problem is in the activation quantization: export_to_quanto(model, activations=False) exports the "
+            "weights exactly and drops activation quantization (outputs then differ from this fake-quant model)."
+        )
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def export_to_quanto(quantized_unet: nn.Module, *, activations: bool = True) -> nn.Module:
+    """A new model running on optimum-quanto modules that computes what our fake-quant model computes.
+
+    The result is a copy of ``quantized_unet`` as its base diffusers class (e.g. ``UNet2DModel``, not
+    our ``QuantizedUNet2DModel``: it has no diffusers-gaq state) in which every fake-quant wrapper
+    (``QuantConv2d`` / ``QuantLinear``) is replaced by a frozen quanto ``QConv2d`` / ``QLinear`` built
+    with :func:`to_quanto_module` from our integer codes, scales and zero points (and, with
+    ``activations=True``, the wrapper's input quantizer). Layers kept in full precision stay plain
+    ``nn.Conv2d`` / ``nn.Linear``; attention modules get back the processor our
+    ``QuantAttnProcessor`` replaced. ``quantized_unet`` is not modified, and the float weights of
+    the quantized layers are not copied.
+
+    Args:
+        quantized_unet: a calibrated model from :func:`diffusers_gaq.quantize_pipeline` or
+            ``QuantizedUNet2DModel.from_pretrained`` (float32).
+        activations: ``True`` (default) exports the activation quantization too, so that the quanto
+            model reproduces ours up to float32 summation order (see the module docstring). This
+            requires what quanto can express: 8-bit symmetric activations (``act_symmetric=True``),
+            one quantizer per input (``split_shortcut=False``) and unquantized attention matmuls
+            (``quantize_attention=False``). ``False`` exports the weights only: every weight still
+            dequantizes bit-exactly to ours, but the inputs of the layers and the attention
+            matmuls are no longer quantized, so **the outputs differ from our fake-quant model**
+            (they are those of the weight-quantized, activation-FP model). A warning says what
+            was dropped.
+
+    Returns:
+        The quanto model, in eval mode, without gradients. Save it with :func:`save_quanto`.
+
+    Raises:
+        ValueError: when quanto cannot express the model exactly: the message lists every
+            offending layer with the reason (asymmetric 8-bit weights, weight bit widths other
+            than 2/4/8, asymmetric / unsigned or non-8-bit activations, split inputs, quantized
+            attention matmuls, uncalibrated layers). Nothing is silently changed.
+    """
+    from .models.attention import QuantAttnProcessor
+    from .quant.layers import QuantLayer
+
+    layers = [(n, m) for n, m in quantized_unet.named_modules() if isinstance(m, QuantLayer)]
+    attention = [(n, m) for n, m in quantized_unet.named_modules()
+                 if isinstance(getattr(m, "processor", None), QuantAttnProcessor)]
+    if not layers:
+        raise ValueError(f"{type(quantized_unet).__name__} has no quantized layers (QuantConv2d / QuantLinear): "
+                         "quantize it with diffusers_gaq.quantize_pipeline() first")
+
+    problems: dict[str, list[str]] = defaultdict(list)
+    plans, dropped = {}, []
+    for name, layer in layers:
+        kwargs, reason = _layer_plan(layer, activations)
+        if reason is not None:
+            problems[reason].append(name)
+        else:
+            plans[name] = kwargs
+            if _act_is_applied(layer) and "act_scale" not in kwargs:
+                dropped.append(name)
+    for name, module in attention:
+        if module.processor.core.use_act_quant:
+            if activations:
+                problems[_R_ATTENTION].append(name)
+            else:
+                dropped.append(name)
+    if problems:
+        raise ValueError(_format_problems(problems, activations))
+
+    # Build every quanto module before copying anything: to_quanto_module re-validates each layer,
+    # and an error there must leave no half-exported model behind.
+    qmodules = {}
+    for name, layer in layers:
+        try:
+            qmodules[name] = to_quanto_module(layer.layer, **plans[name])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"cannot export layer {name} to optimum-quanto: {e}") from e
+
+    # Deep-copy the model with each wrapper swapped for its quanto module on the way (deepcopy's memo
+    # returns the memoised object instead of copying), so the wrappers' float weights are never copied.
+    memo = {id(layer): qmodules[name] for name, layer in layers}
+    for attr in _GAQ_ATTRIBUTES:
+        value = quantized_unet.__dict__.get(attr)
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            memo[id(value)] = None  # our calibration state does not belong in the export
+    exported = copy.deepcopy(quantized_unet, memo)
+    exported.__class__ = _base_class(quantized_unet)
+    for attr in _GAQ_ATTRIBUTES:
+        exported.__dict__.pop(attr, None)
+    for name, _ in attention:
+        module = exported.get_submodule(name)
+        # quanto computes plain attention; the processor our wrapper replaced does exactly that.
+        module.set_processor(module.processor.original_processor)
+
+    if dropped:
+        logger.warning(
+            "weight-only export: activation quantization of %d module(s) was dropped (e.g. %s); the weights are exact "
+            "but the quanto model's outputs differ from the fake-quant model's", len(dropped), ", ".join(dropped[:3]))
+    n_act = sum(1 for p in plans.values() if "act_scale" in p)
+    logger.info("exported %d layer(s) to optimum-quanto (%d with int8 input quantization), %d attention processor(s) "
+                "restored", len(qmodules), n_act, len(attention))
+    return exported.eval().requires_grad_(False)
+
+
+def _check_exported(model: nn.Module) -> dict[str, dict[str, str]]:
+    from .models.attention import QuantAttnProcessor
+    from .quant.layers import QuantLayer
+
+    leftovers = [n for n, m in model.named_modules() if isinstance(m, (QuantLayer, QuantAttnProcessor))]
+    if leftovers:
+        raise ValueError(f"the model still holds diffusers-gaq fake-quant modules ({', '.join(leftovers[:3])}); "
+                         "save our format with save_pretrained, or export_to_quanto() first")
+    qmap = quantization_map(model)
+    if not qmap:
+        raise ValueError("the model has no optimum-quanto modules; build one with export_to_quanto()")
+    unfrozen = [n for n, m in model.named_modules() if isinstance(m, QModuleMixin) and not m.frozen]
+    if unfrozen:
+        raise ValueError(f"quanto modules {unfrozen[:3]} are not frozen: their float weights would be saved "
+                         "unquantized; call optimum.quanto.freeze(model) first")
+    return qmap
+
+
+def save_quanto(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Save a model from :func:`export_to_quanto` in optimum-quanto's folder layout.
+
+    The folder holds ``config.json`` (the base diffusers config), ``quanto_qmap.json`` (quanto's
+    ``quantization_map``) and ``diffusion_pytorch_model.safetensors`` (the state dict, quantized
+    weights flattened by quanto into integer data, scales and shifts), as quanto's own
+    ``QuantizedDiffusersModel`` writes it. No quanto ``Calibration`` is ever run: the activation
+    scales are ours, stored in ``input_scale``, with the NaN ``output_scale`` marker that makes
+    :func:`load_quanto` (and :func:`requantize_exported`) restore input-only activation
+    quantization; in quanto's terms this is the ``streamline=False`` state, whose reload is exact.
+    A plain quanto reload of a model with activations gives NaN outputs instead of silently wrong ones.
+
+    The folder is built beside ``directory`` and renamed into place; a non-empty ``directory`` is
+    refused unless ``overwrite``.
+    """
+    from safetensors.torch import save_file
+
+    qmap = _check_exported(model)
+    target = Path(directory)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; choose an empty folder or pass overwrite=True")
+    # NaN is legitimate here (the output_scale marker), so unlike save_quantized there is no finiteness check.
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        (tmp / MODEL_CONFIG_NAME).write_text(model.to_json_string(), encoding="utf-8")
+        (tmp / QMAP_NAME).write_text(json.dumps(qmap, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "exported_by": "diffusers-gaq"})
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            target.rename(old)
+        tmp.rename(target)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    logger.info("saved optimum-quanto model (%d quantized modules) to %s", len(qmap), target)
+    return target
+
+
+def _architecture(config) -> dict:
+    # Keys starting with "_" (class name, diffusers version, source path) do not change the model.
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def load_quanto(directory: str | os.PathLike, base_config=None, *, device: str | torch.device | None = None) -> nn.Module:
+    """Reload a :func:`save_quanto` folder: computes bit-identically to the model that was saved.
+
+    Args:
+        directory: the folder.
+        base_config: the base model's diffusers config (a dict or ``model.config``); the folder's
+            ``config.json`` when None. If both exist they must describe the same architecture.
+        device: where to put the model (default CPU).
+
+    The model is built without allocating float weights (accelerate's ``init_empty_weights``), then
+    quanto's ``requantize`` replaces the layers named in ``quanto_qmap.json`` and loads the state dict,
+    and our input-only activation semantics are restored (:func:`requantize_exported`). quanto
+    loads with ``strict=False``; here every tensor of the model must come from the file, or
+    ValueError names the missing / unexpected ones.
+    """
+    import diffusers
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+
+    folder = Path(directory)
+    qmap_path, weights_path, config_path = folder / QMAP_NAME, folder / WEIGHTS_NAME, folder / MODEL_CONFIG_NAME
+    for path in (qmap_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: {folder} is not a folder written by save_quanto "
+                                    f"(expected {MODEL_CONFIG_NAME}, {QMAP_NAME} and {WEIGHTS_NAME})")
+    qmap = json.loads(qmap_path.read_text(encoding="utf-8"))
+    saved_config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
+    if base_config is None:
+        if saved_config is None:
+            raise FileNotFoundError(f"{config_path} is missing; pass base_config")
+        base_config = saved_config
+    base_config = dict(base_config)
+    if saved_config is not None:
+        given, saved = _architecture(base_config), _architecture(saved_config)
+        differ = sorted(k for k in set(given) | set(saved) if given.get(k) != saved.get(k))
+        if differ:
+            raise ValueError(f"base_config differs from {config_path} in {differ}: the weights were saved for "
+                             "another architecture")
+    class_name = base_config.get("_class_name") or (saved_config or {}).get("_class_name") or "UNet2DModel"
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise ValueError(f"unknown diffusers model class {class_name!r} in the config")
+
+    with init_empty_weights():  # parameters on the meta device; requantize materialises them
+        model = cls.from_config(base_config)
+    state = load_file(str(weights_path))
+    requantize_exported(model, state, qmap, device=torch.device(device) if device is not None else torch.device("cpu"))
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{weights_path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval().requires_grad_(False)

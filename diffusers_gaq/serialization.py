@@ -102,6 +102,7 @@ def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool 
             "base_class": base.__name__,
             "config": model.gaq_config.to_dict(),
             "layers": layer_table(model),
+            "base_model": getattr(model, "gaq_base_model", None),
             "kept_fp": list(wrap.kept_fp) if wrap else [],
             "attention": list(wrap.attention) if wrap else [],
         }
@@ -209,6 +210,10 @@ def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device |
         if key not in state:
             raise CheckpointError(f"{weights_path}: tensor {key} is missing")
         shape = tuple(layer.layer.weight.shape)
+        if entry.get("weight_shape") is not None and entry["weight_shape"] != list(shape):
+            raise CheckpointError(f"{folder / CONFIG_NAME}: layer {name} is recorded with weight shape "
+                                  f"{entry['weight_shape']}, but the model built from {MODEL_CONFIG_NAME} has "
+                                  f"{list(shape)}; the two files disagree (edited, or from different checkpoints)")
         packed = state.pop(key)
         need = packed_nbytes(int(torch.tensor(shape).prod()), bits)
         if packed.numel() != need:
@@ -236,6 +241,7 @@ def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device |
         report = report_from_files(folder / REPORT_TENSORS, folder / REPORT_JSON)
     set_quant_state(model, weight=True, act=bool(config.act_bits))
     mark_quantized(model, config, wrap, report)
+    model.gaq_base_model = qcfg.get("base_model")
     if device is not None:
         model.to(device)
     return model
@@ -249,6 +255,15 @@ def load_quantized_pipeline(path_or_repo: str | os.PathLike, **kwargs):
 
     kwargs.setdefault("local_files_only", Path(path_or_repo).is_dir())
     return DiffusionPipeline.from_pretrained(str(path_or_repo), **kwargs)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``: diffusers writes the pipeline's own files (model_index.json,
+    scheduler config) without it, and the folder must be on disk before it is renamed into place."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
 
 
 def save_quantized_pipeline(pipe, save_directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -266,6 +281,7 @@ def save_quantized_pipeline(pipe, save_directory: str | os.PathLike, *, overwrit
         for item in (tmp / "unet").iterdir():
             if item.suffix in (".md", ".png"):
                 shutil.copy2(item, tmp / item.name)
+        _fsync_tree(tmp)
         old = target.with_name(f".{target.name}.old")
         if target.exists():
             if old.exists():

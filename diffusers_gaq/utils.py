@@ -39,11 +39,36 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _canonicalize_safetensors_header(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors header with sorted keys. safetensors writes ``metadata`` from a hash
+    map, in an order that changes from one call to the next, so equal tensors gave different bytes;
+    the canonical header makes a file depend on its content alone (deterministic runs)."""
+    import json
+
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        metadata = header.pop("__metadata__", None)
+        canonical = {"__metadata__": dict(sorted(metadata.items()))} if metadata is not None else {}
+        canonical.update(sorted(header.items()))  # tensor entries carry their own data offsets
+        text = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) <= size:  # the same entries reordered: it fits, padded with spaces as the format allows
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))
+            return
+        data = f.read()  # only if the JSON is spelled differently: write the whole file again
+        text += b" " * (-(8 + len(text)) % 8)  # keep the data 8-byte aligned
+        f.seek(0)
+        f.write(len(text).to_bytes(8, "little") + text + data)
+        f.truncate()
+
+
 def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        _canonicalize_safetensors_header(tmp)
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -8,6 +8,7 @@ weighting), reconstruct, harden the rounding, and move on with the unit quantize
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -65,6 +66,25 @@ class CalibrationReport:
         }
 
 
+# A reconstruction whose final training loss is non-finite or more than this many times the unit's
+# round-to-nearest loss has diverged: the unit keeps round-to-nearest instead (docs/reliability.md).
+DIVERGENCE_FACTOR = 10.0
+
+
+@torch.no_grad()
+def _fall_back_to_nearest(problem, act_steps: list[torch.Tensor]) -> None:
+    """Undo a diverged reconstruction: weights rounded to nearest with the scales init_quantizers
+    chose (reconstruction never changes them), activation step sizes back to their EMA values."""
+    for layer in problem.layers:
+        wq = layer.weight_quantizer
+        if wq is not None:
+            wq.alpha, wq.w_floor, wq.codes, wq.mode = None, None, None, "nearest"
+            wq.harden(layer.layer.weight)
+    for q, step in zip(problem.act_quantizers(), act_steps):
+        q.scale.data.copy_(step)
+        q.scale.requires_grad_(False)
+
+
 def _split_groups(data: CalibrationData, idx: torch.Tensor) -> list[torch.Tensor]:
     return [idx[data.group[idx] == g] for g in range(data.num_groups)]
 
@@ -115,6 +135,7 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
         inputs = capture_unit(model, unit, data, family, bs, "inputs", device=device)
         problem = UnitProblem(name, unit, inputs, targets, device)
         init_quantizers(problem, train_idx, config)
+        act_steps = [q.scale.detach().clone() for q in problem.act_quantizers()]  # kept for a fallback
         rep.loss_init, rep.val_loss_init, rep.step_loss_init = evaluate(problem)
         omega = torch.ones(len(train_idx))
         if config.method == "reconstruction":
@@ -135,11 +156,27 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
                 weights = [omega[g] for g in train_groups]
                 rep.conflict_after = cosine_matrix(group_gradients(problem, theta, groups, weights))
             gen = torch.Generator().manual_seed(config.seed * 1009 + 2 * b)
-            reconstruct(problem, train_idx, omega, config, gen, progress and (dist is None or dist.is_main), dist=dist)
+            try:
+                reconstruct(problem, train_idx, omega, config, gen, progress and (dist is None or dist.is_main),
+                            dist=dist)
+            except FloatingPointError as err:  # non-finite loss: fall back below
+                rep.fallback = f"round-to-nearest ({err})"
         harden(problem)
         set_quant_state(unit, weight=True, act=bool(config.act_bits))
         rep.omega = omega.clone()
         rep.loss_final, rep.val_loss_final, rep.step_loss_final = evaluate(problem)
+        diverged = not math.isfinite(rep.loss_final) or rep.loss_final > DIVERGENCE_FACTOR * rep.loss_init
+        if config.method == "reconstruction" and (rep.fallback or diverged):
+            rep.fallback = rep.fallback or (f"round-to-nearest (reconstruction loss {rep.loss_final:.4g} vs "
+                                            f"{rep.loss_init:.4g} at round-to-nearest)")
+            _fall_back_to_nearest(problem, act_steps)
+            rep.loss_final, rep.val_loss_final, rep.step_loss_final = evaluate(problem)
+            if not math.isfinite(rep.loss_final):
+                raise FloatingPointError(f"unit {name}: the loss is {rep.loss_final} even at round-to-nearest; "
+                                         "check the model and the calibration data for NaN/Inf")
+            if not torch.isfinite(scores).all():  # diverged sample weights must not reach the next unit
+                scores = torch.zeros_like(scores)
+            logger.warning("%s: reconstruction diverged, kept %s", name, rep.fallback)
         rep.seconds = time.perf_counter() - t0
         report.units.append(rep)
         logger.info("%s: loss %.4g -> %.4g (val %.4g -> %.4g) in %.1fs", name, rep.loss_init, rep.loss_final,

@@ -121,10 +121,13 @@ def reconstruct(problem: UnitProblem, train_idx: torch.Tensor, omega: torch.Tens
     every process takes the same step as a single process would on the whole minibatch."""
     groups = problem.trainable_params(config)
     param_groups = [{"params": groups["rounding"], "lr": config.weight_lr}]
-    if groups["steps"]:
-        for p in groups["steps"]:
-            p.requires_grad_(True)
-        param_groups.append({"params": groups["steps"], "lr": config.act_lr})
+    # Adam moves a parameter by about lr per step whatever its scale, and activation steps range
+    # from ~1/255 (softmax probabilities) to ~1: each step size gets a learning rate relative to
+    # its initial value, so act_lr is the fraction it may move per step (an absolute rate drove
+    # small steps through zero).
+    for p in groups["steps"]:
+        p.requires_grad_(True)
+        param_groups.append({"params": [p], "lr": config.act_lr * max(float(p.detach().abs()), 1e-8)})
     params = [p for g in param_groups for p in g["params"]]
     if not params or config.recon_iters == 0:
         return []

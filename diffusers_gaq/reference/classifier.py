@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 FEATURE_DIM = 128
 
@@ -40,8 +40,10 @@ class FashionClassifier(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(self.config, indent=2))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
+        from ..utils import atomic_save_safetensors, atomic_write_text
+
+        atomic_write_text(directory / "config.json", json.dumps(self.config, indent=2))
+        atomic_save_safetensors(self.state_dict(), directory / "model.safetensors")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "FashionClassifier":

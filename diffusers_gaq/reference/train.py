@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 
+from ..utils import atomic_path, atomic_write_text
 from .classifier import FashionClassifier
 from .data import load_fashion_mnist, to_model_range
 from .recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
@@ -50,7 +51,7 @@ def save_pipeline(unet: UNet2DModel, out: Path, meta: dict) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     scheduler = DDIMScheduler(**REFERENCE_SCHEDULER_CONFIG)
     DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp)
-    (tmp / "training.json").write_text(json.dumps(meta, indent=2))
+    atomic_write_text(tmp / "training.json", json.dumps(meta, indent=2))
     _replace_dir(tmp, out)
 
 
@@ -148,9 +149,10 @@ def train_classifier(out: Path, epochs: int, batch_size: int, lr: float, seed: i
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     mu, sigma = feature_statistics(model, xte)
-    save_file({"mu": mu, "sigma": sigma}, str(out / "fid_stats_test.safetensors"))
-    (out / "training.json").write_text(json.dumps(dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                                                       test_accuracy=acc), indent=2))
+    with atomic_path(out / "fid_stats_test.safetensors") as tmp:
+        save_file({"mu": mu, "sigma": sigma}, str(tmp))
+    atomic_write_text(out / "training.json", json.dumps(dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                                                             test_accuracy=acc), indent=2))
     return acc
 
 
