@@ -207,9 +207,11 @@ def test_check_rejects_bad_data(data):
         data.check(in_channels=3)
     with pytest.raises(ValueError):
         data.check(sample_size=64)
-    with pytest.raises(ValueError, match="validation"):
+    # No validation samples is fine (uniform weighting needs none); no training samples is not.
+    CalibrationData(data.samples, data.timesteps, data.step_index, data.group, torch.zeros_like(data.is_val)).check()
+    with pytest.raises(ValueError, match="no training samples"):
         CalibrationData(data.samples, data.timesteps, data.step_index, data.group,
-                        torch.zeros_like(data.is_val)).check()
+                        torch.ones_like(data.is_val)).check()
     with pytest.raises(ValueError, match="timesteps"):
         CalibrationData(data.samples, data.timesteps[:-1], data.step_index, data.group, data.is_val).check()
 

@@ -224,7 +224,7 @@ def valid_kwargs(draw):
         keep_fp=tuple(draw(st.lists(st.text(min_size=1, max_size=12), max_size=4))),
         num_inference_steps=k,
         num_calibration_timesteps=s,
-        samples_per_timestep=draw(st.integers(1, 10_000)),
+        samples_per_timestep=draw(st.integers(2, 10_000)),  # one sample per timestep leaves no training data
         calibration_batch_size=draw(st.integers(1, 4096)),
         recon_iters=draw(st.integers(0, 100_000)),
         recon_batch_size=draw(st.integers(1, 4096)),
@@ -234,7 +234,7 @@ def valid_kwargs(draw):
         round_warmup=draw(st.floats(0.0, 1.0, exclude_max=True)),
         beta_start=draw(_pos_float(100.0)),
         beta_end=draw(_pos_float(100.0)),
-        val_fraction=draw(st.floats(0.0, 0.5, exclude_max=True)),
+        val_fraction=draw(st.floats(0.01, 0.5, exclude_max=True)),  # 0 is valid only without meta steps
         num_groups=draw(st.integers(1, s)),
         tau=draw(_pos_float(100.0)),
         meta_iters=draw(st.integers(0, 10_000)),

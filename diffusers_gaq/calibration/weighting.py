@@ -16,6 +16,7 @@ Plain torch autograd (create_graph=True) and torch.func.functional_call; no `hig
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ..config import GradientAlignedQuantizer
@@ -90,8 +91,10 @@ def learn_scores(problem: UnitProblem, scores: torch.Tensor, train_idx: torch.Te
     bar = tqdm(range(config.meta_iters), desc=f"sample weights {problem.name}", disable=not progress, leave=False)
     for _ in bar:
         batch = torch.randint(0, len(train_idx), (min(config.meta_batch_size, len(train_idx)),), generator=generator)
-        l_val, info = meta_objective(problem, scores, batch, train_idx, val_groups, config, theta)
-        (grad,) = torch.autograd.grad(l_val, scores)
+        # Fused attention kernels have no double backward; the math kernel computes the same function.
+        with sdpa_kernel(SDPBackend.MATH):
+            l_val, info = meta_objective(problem, scores, batch, train_idx, val_groups, config, theta)
+            (grad,) = torch.autograd.grad(l_val, scores)
         if grad_hook is not None:
             grad = grad_hook(grad)
         opt.zero_grad(set_to_none=True)
