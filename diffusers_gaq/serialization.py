@@ -24,6 +24,7 @@ import torch
 
 from .config import CONFIG_NAME, GradientAlignedQuantizer
 from .quant.layers import QuantLayer
+from .quant.quantizers import ActQuantizer
 from .quant.packing import pack_bits, packed_nbytes, unpack_bits
 from .utils import atomic_save_safetensors, atomic_write_text
 
@@ -47,23 +48,112 @@ def _base_class(model) -> type:
     return next(c for c in type(model).__mro__ if c is not QuantizedModelMixin and not issubclass(c, QuantizedModelMixin))
 
 
+# Per-layer quantizer tensors are stored as a few flat tensors: a checkpoint of a small model
+# with one entry per tiny tensor spends more bytes on the safetensors JSON header than on scales.
+CODES_KEY = "gaq.weight_codes"  # every layer's packed codes, concatenated in module order
+WEIGHT_SCALES_KEY = "gaq.weight_scales"  # float32, per output channel (or one per layer)
+WEIGHT_ZEROS_KEY = "gaq.weight_zero_points"  # uint8 (codes are at most 8-bit)
+ACT_SCALES_KEY = "gaq.act_scales"  # float32, one per activation quantizer, in module order
+ACT_ZEROS_KEY = "gaq.act_zero_points"
+_ACT_BUFFERS = ("scale", "zero_point", "running_min", "running_max", "initialized")
+
+
+def _quant_layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer) and m.weight_quantizer is not None]
+
+
+def _act_quantizers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ActQuantizer)]
+
+
 def quantized_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's tensors with every hardened weight replaced by its packed codes."""
+    """The model's tensors with every hardened weight replaced by packed codes, and the quantizer
+    state flattened into the ``gaq.*`` tensors above."""
     state = model.state_dict()
-    for name, layer in model.named_modules():
-        if not isinstance(layer, QuantLayer) or layer.weight_quantizer is None:
-            continue
+    codes, scales, zeros = [], [], []
+    for name, layer in _quant_layers(model):
         wq = layer.weight_quantizer
         if wq.mode != "frozen":
             raise ValueError(f"layer {name} is not calibrated (weight quantizer mode {wq.mode!r}); "
                              "quantize the model with quantize_pipeline() before saving")
-        state.pop(f"{name}.layer.weight")
-        state.pop(f"{name}.weight_quantizer.codes")
-        state[f"{name}{PACKED_SUFFIX}"] = pack_bits(wq.codes, wq.bits)
+        for key in ("layer.weight", "weight_quantizer.codes", "weight_quantizer.scale", "weight_quantizer.zero_point"):
+            state.pop(f"{name}.{key}")
+        codes.append(pack_bits(wq.codes, wq.bits))
+        scales.append(wq.scale.detach().float().flatten())
+        zeros.append(wq.zero_point.detach().flatten())
+    if codes:
+        state[CODES_KEY] = torch.cat(codes)
+        state[WEIGHT_SCALES_KEY] = torch.cat(scales)
+        state[WEIGHT_ZEROS_KEY] = torch.cat(zeros).round().to(torch.uint8)
+    acts = _act_quantizers(model)
+    for name, q in acts:
+        if not bool(q.initialized):
+            raise ValueError(f"activation quantizer {name} was never calibrated; quantize the model before saving")
+        for key in _ACT_BUFFERS:
+            state.pop(f"{name}.{key}")
+    if acts:
+        state[ACT_SCALES_KEY] = torch.stack([q.scale.detach().float() for _, q in acts])
+        state[ACT_ZEROS_KEY] = torch.stack([q.zero_point.detach().float() for _, q in acts])
     for key, value in state.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise FloatingPointError(f"refusing to save: tensor {key} holds NaN/Inf")
     return {k: v.contiguous() for k, v in state.items()}
+
+
+def _restore_quantizers(model, state: dict, table: dict, per_channel: bool, weights_path: Path) -> None:
+    """Inverse of quantized_state_dict's flattening: put codes, scales and zero points back into the
+    freshly wrapped ``model`` and the per-module entries back into ``state``."""
+    for key in (CODES_KEY, WEIGHT_SCALES_KEY, WEIGHT_ZEROS_KEY):
+        if key not in state and _quant_layers(model):
+            raise CheckpointError(f"{weights_path}: tensor {key} is missing")
+    blob = state.pop(CODES_KEY, torch.zeros(0, dtype=torch.uint8))
+    scales, zeros = state.pop(WEIGHT_SCALES_KEY, None), state.pop(WEIGHT_ZEROS_KEY, None)
+    at_code = at_scale = 0
+    for name, layer in _quant_layers(model):
+        entry = table.get(name)
+        if entry is None:
+            raise CheckpointError(f"{weights_path.parent / CONFIG_NAME}: no entry for quantized layer {name}")
+        bits, shape = entry["weight_bits"], tuple(layer.layer.weight.shape)
+        if entry.get("weight_shape") is not None and entry["weight_shape"] != list(shape):
+            raise CheckpointError(f"{weights_path.parent / CONFIG_NAME}: layer {name} is recorded with weight shape "
+                                  f"{entry['weight_shape']}, but the model built from {MODEL_CONFIG_NAME} has "
+                                  f"{list(shape)}; the two files disagree (edited, or from different checkpoints)")
+        need = packed_nbytes(int(torch.tensor(shape).prod()), bits)
+        stored = entry.get("codes_nbytes", need)
+        if stored != need or at_code + need > len(blob):
+            raise CheckpointError(f"{weights_path}: {name}{PACKED_SUFFIX} holds {stored} bytes but {bits}-bit codes of "
+                                  f"shape {shape} need {need}; the bit widths in {CONFIG_NAME} disagree with the tensors")
+        wq = layer.weight_quantizer
+        wq.bits = bits  # per-layer bit widths may differ from the default
+        codes = unpack_bits(blob[at_code : at_code + need], bits, shape)
+        k = shape[0] if per_channel else 1
+        scale = scales[at_scale : at_scale + k].clone()
+        zp = zeros[at_scale : at_scale + k].float()
+        if not per_channel:
+            scale, zp = scale.reshape(()), zp.reshape(())
+        at_code, at_scale = at_code + need, at_scale + k
+        wq.load_codes(codes, scale, zp)
+        layer.layer.weight.data = wq(layer.layer.weight).detach().clone()
+        state[f"{name}.layer.weight"] = layer.layer.weight.data
+        state[f"{name}.weight_quantizer.codes"] = wq.codes
+        state[f"{name}.weight_quantizer.scale"] = scale
+        state[f"{name}.weight_quantizer.zero_point"] = zp
+    if at_code != len(blob) or (scales is not None and at_scale != len(scales)):
+        raise CheckpointError(f"{weights_path}: {CODES_KEY} holds {len(blob)} bytes and {WEIGHT_SCALES_KEY} "
+                              f"{0 if scales is None else len(scales)} scales, but the layers in {CONFIG_NAME} need "
+                              f"{at_code} and {at_scale}; the bit widths in {CONFIG_NAME} disagree with the tensors")
+    acts = _act_quantizers(model)
+    if acts:
+        if ACT_SCALES_KEY not in state or len(state[ACT_SCALES_KEY]) != len(acts):
+            raise CheckpointError(f"{weights_path}: expected {len(acts)} activation step sizes in {ACT_SCALES_KEY}, "
+                                  f"found {len(state.get(ACT_SCALES_KEY, []))}")
+        act_scales, act_zeros = state.pop(ACT_SCALES_KEY), state.pop(ACT_ZEROS_KEY)
+        for i, (name, q) in enumerate(acts):
+            state[f"{name}.scale"] = act_scales[i]
+            state[f"{name}.zero_point"] = act_zeros[i]
+            state[f"{name}.initialized"] = torch.tensor(True)
+            state[f"{name}.running_min"] = torch.tensor(float("inf"))
+            state[f"{name}.running_max"] = torch.tensor(float("-inf"))
 
 
 def layer_table(model) -> dict[str, dict]:
@@ -77,6 +167,9 @@ def layer_table(model) -> dict[str, dict]:
                 "act_bits": layer.act_quantizer.bits if layer.act_quantizer else None,
                 "split_at": layer.split_at,
             }
+            if layer.weight_quantizer is not None:
+                numel = layer.layer.weight.numel()
+                table[name]["codes_nbytes"] = packed_nbytes(numel, layer.weight_quantizer.bits)
     return table
 
 
@@ -196,38 +289,7 @@ def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device |
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights_path} cannot be read ({e}); the file is truncated or corrupt") from None
 
-    layers = qcfg.get("layers", {})
-    for name, layer in model.named_modules():
-        if not isinstance(layer, QuantLayer) or layer.weight_quantizer is None:
-            continue
-        entry = layers.get(name)
-        if entry is None:
-            raise CheckpointError(f"{folder / CONFIG_NAME}: no entry for quantized layer {name}")
-        bits = entry["weight_bits"]
-        if bits != layer.weight_quantizer.bits:
-            layer.weight_quantizer.bits = bits  # per-layer bit widths may differ from the default
-        key = f"{name}{PACKED_SUFFIX}"
-        if key not in state:
-            raise CheckpointError(f"{weights_path}: tensor {key} is missing")
-        shape = tuple(layer.layer.weight.shape)
-        if entry.get("weight_shape") is not None and entry["weight_shape"] != list(shape):
-            raise CheckpointError(f"{folder / CONFIG_NAME}: layer {name} is recorded with weight shape "
-                                  f"{entry['weight_shape']}, but the model built from {MODEL_CONFIG_NAME} has "
-                                  f"{list(shape)}; the two files disagree (edited, or from different checkpoints)")
-        packed = state.pop(key)
-        need = packed_nbytes(int(torch.tensor(shape).prod()), bits)
-        if packed.numel() != need:
-            raise CheckpointError(f"{weights_path}: {key} holds {packed.numel()} bytes but {bits}-bit codes of shape "
-                                  f"{shape} need {need}; the bit widths in {CONFIG_NAME} disagree with the tensors")
-        codes = unpack_bits(packed, bits, shape)
-        wq = layer.weight_quantizer
-        scale, zp = state.pop(f"{name}.weight_quantizer.scale"), state.pop(f"{name}.weight_quantizer.zero_point")
-        wq.load_codes(codes, scale, zp)
-        layer.layer.weight.data = wq(layer.layer.weight).detach().clone()
-        state[f"{name}.layer.weight"] = layer.layer.weight.data
-        state[f"{name}.weight_quantizer.codes"] = wq.codes
-        state[f"{name}.weight_quantizer.scale"] = scale
-        state[f"{name}.weight_quantizer.zero_point"] = zp
+    _restore_quantizers(model, state, qcfg.get("layers", {}), config.weight_granularity == "per_channel", weights_path)
     # Buffers that are None until calibration (AdaRound's floor) are not in a frozen model.
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:

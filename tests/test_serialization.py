@@ -24,6 +24,7 @@ from diffusers_gaq.models.quantized import QuantizedUNet2DModel
 from diffusers_gaq.quant.layers import QuantLayer
 from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
 from diffusers_gaq.serialization import (
+    CODES_KEY,
     PACKED_SUFFIX,
     WEIGHTS_NAME,
     CheckpointError,
@@ -123,15 +124,19 @@ def test_w4_weights_are_packed_two_per_byte(pipelines, saved, tmp_path):
     fp_bytes = (tmp_path / "fp32" / WEIGHTS_NAME).stat().st_size
     q_bytes = (saved["w4-weight-only"] / WEIGHTS_NAME).stat().st_size
     ratio = q_bytes / fp_bytes
-    assert ratio <= 0.2, f"W4 checkpoint is {q_bytes} bytes, {ratio:.3f}x the fp32 one ({fp_bytes} bytes)"
+    assert ratio <= 0.15, f"W4 checkpoint is {q_bytes} bytes, {ratio:.3f}x the fp32 one ({fp_bytes} bytes)"
 
+    qcfg = json.loads((saved["w4-weight-only"] / CONFIG_NAME).read_text())
     with safe_open(str(saved["w4-weight-only"] / WEIGHTS_NAME), "pt") as f:
-        packed = {k: f.get_tensor(k) for k in f.keys() if k.endswith(PACKED_SUFFIX)}
+        blob = f.get_tensor(CODES_KEY)
+        assert not any(k.endswith(".layer.weight") for k in f.keys()), "float weights of quantized layers were saved"
     weights = dict(fp_unet.named_parameters())
-    assert packed, "no packed weights in the checkpoint"
-    for key, tensor in packed.items():
-        numel = weights[key[: -len(PACKED_SUFFIX)] + ".weight"].numel()
-        assert tensor.dtype == torch.uint8 and tensor.numel() == (numel + 1) // 2, key
+    expected = 0
+    for name, entry in qcfg["layers"].items():
+        numel = weights[name + ".weight"].numel()
+        assert entry["codes_nbytes"] == (numel + 1) // 2, name  # two 4-bit codes per byte
+        expected += entry["codes_nbytes"]
+    assert blob.dtype == torch.uint8 and blob.numel() == expected
     logger.info("W4 weight-only checkpoint / fp32: %.3f (%d / %d bytes)", ratio, q_bytes, fp_bytes)
 
 
