@@ -103,6 +103,7 @@ def run(args) -> None:
                 key = (method, bits if method != "fp" else "fp", seed, args.budget, args.num_images, args.variant)
                 if key in done:
                     continue
+                done.add(key)
                 if method == "quanto" and parse_bits(bits)[1] not in (8, None):
                     print(f"skip quanto {bits}: optimum-quanto has no {parse_bits(bits)[1]}-bit activations", flush=True)
                     continue
@@ -170,6 +171,7 @@ def report(args) -> None:
     """Render the rows of one or more JSONL files as markdown tables (stdout or --markdown) and plots."""
     rows = [r for path in args.jsonl.split(",") for r in load_rows(Path(path))]
     rows = [r for r in rows if r.get("variant", "") == args.variant and r["num_images"] == args.num_images]
+    rows = list({(r["method"], r["bits"], r["seed"]): r for r in rows}.values())  # last row per setting
     fp = [r for r in rows if r["method"] == "fp"]
     fp_fid = fp[0]["fid_ref"] if fp else None
     order = ["fp", "minmax", "quanto", "uniform", "normal", "gradient_aligned"]
