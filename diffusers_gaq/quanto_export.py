@@ -82,8 +82,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -572,7 +570,7 @@ def save_quanto(model: nn.Module, directory: str | os.PathLike, *, overwrite: bo
     The folder is built beside ``directory`` and renamed into place; a non-empty ``directory`` is
     refused unless ``overwrite``.
     """
-    from safetensors.torch import save_file
+    from .utils import atomic_directory, atomic_save_safetensors, atomic_write_text
 
     qmap = _check_exported(model)
     target = Path(directory)
@@ -580,23 +578,10 @@ def save_quanto(model: nn.Module, directory: str | os.PathLike, *, overwrite: bo
         raise FileExistsError(f"{target} exists and is not empty; choose an empty folder or pass overwrite=True")
     # NaN is legitimate here (the output_scale marker), so unlike save_quantized there is no finiteness check.
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        (tmp / MODEL_CONFIG_NAME).write_text(model.to_json_string(), encoding="utf-8")
-        (tmp / QMAP_NAME).write_text(json.dumps(qmap, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "exported_by": "diffusers-gaq"})
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            target.rename(old)
-        tmp.rename(target)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with atomic_directory(target) as tmp:
+        atomic_write_text(tmp / MODEL_CONFIG_NAME, model.to_json_string())
+        atomic_write_text(tmp / QMAP_NAME, json.dumps(qmap, indent=2, sort_keys=True) + "\n")
+        atomic_save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "exported_by": "diffusers-gaq"})
     logger.info("saved optimum-quanto model (%d quantized modules) to %s", len(qmap), target)
     return target
 

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from .config import CONFIG_NAME, GradientAlignedQuantizer
 from .quant.layers import QuantLayer
 from .quant.quantizers import ActQuantizer
 from .quant.packing import pack_bits, packed_nbytes, unpack_bits
-from .utils import atomic_save_safetensors, atomic_write_text
+from .utils import atomic_directory, atomic_save_safetensors, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -181,9 +180,7 @@ def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool 
     if target.exists() and any(target.iterdir()) and not overwrite and not (target / CONFIG_NAME).exists():
         raise FileExistsError(f"{target} exists and is not empty; choose an empty folder or pass overwrite=True")
     state = quantized_state_dict(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    with atomic_directory(target) as tmp:
         base = _base_class(model)
         cfg = dict(model.config)
         cfg["_class_name"] = base.__name__
@@ -209,18 +206,6 @@ def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool 
             from .hub import write_model_card
 
             write_model_card(model, tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     logger.info("saved quantized model to %s", target)
     return target
 
@@ -319,15 +304,6 @@ def load_quantized_pipeline(path_or_repo: str | os.PathLike, **kwargs):
     return DiffusionPipeline.from_pretrained(str(path_or_repo), **kwargs)
 
 
-def _fsync_tree(folder: Path) -> None:
-    """fsync every file under ``folder``: diffusers writes the pipeline's own files (model_index.json,
-    scheduler config) without it, and the folder must be on disk before it is renamed into place."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-
-
 def save_quantized_pipeline(pipe, save_directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Save a whole pipeline whose UNet is quantized (model_index.json, scheduler/, unet/ in the
     quantized format, the model card also at the top), atomically: built beside the target, then
@@ -336,23 +312,9 @@ def save_quantized_pipeline(pipe, save_directory: str | os.PathLike, *, overwrit
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise FileExistsError(f"output folder {target} exists and is not empty; pass overwrite=True "
                               "(CLI: --overwrite) or choose another folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    with atomic_directory(target) as tmp:
         pipe.save_pretrained(tmp)
         for item in (tmp / "unet").iterdir():
             if item.suffix in (".md", ".png"):
                 shutil.copy2(item, tmp / item.name)
-        _fsync_tree(tmp)
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            target.rename(old)
-        tmp.rename(target)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return target

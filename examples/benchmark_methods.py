@@ -178,8 +178,8 @@ def report(args) -> None:
     groups: dict[tuple, list] = {}
     for r in rows:
         groups.setdefault((r["method"], r["bits"]), []).append(r)
-    lines = [f"| method | bits | seeds | FID-ref | vs FP | PSNR vs FP (dB) | calibration (s) | sampling / FP | "
-             f"peak RSS calib. (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | bits | seeds | FID-ref | vs FP | PSNR vs FP (dB) | calibration (s) | sampling / FP | "
+             "peak RSS calib. (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
     plot_rows = []
     for (method, bits), rs in sorted(groups.items(), key=lambda kv: (kv[0][1] != "fp", kv[0][1], order.index(kv[0][0]))):
         fid_m, fid_s = _stats([r["fid_ref"] for r in rs])

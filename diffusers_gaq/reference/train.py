@@ -15,9 +15,6 @@ import copy
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from ..utils import atomic_path, atomic_write_text
+from ..utils import atomic_directory, atomic_path, atomic_write_text
 from .classifier import FashionClassifier
 from .data import load_fashion_mnist, to_model_range
 from .recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
@@ -34,25 +31,10 @@ from .recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
 logger = logging.getLogger(__name__)
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a finished temporary folder into place; the old one survives until the new one is whole."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def save_pipeline(unet: UNet2DModel, out: Path, meta: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    scheduler = DDIMScheduler(**REFERENCE_SCHEDULER_CONFIG)
-    DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp)
-    atomic_write_text(tmp / "training.json", json.dumps(meta, indent=2))
-    _replace_dir(tmp, out)
+    with atomic_directory(out) as tmp:
+        DDIMPipeline(unet=unet, scheduler=DDIMScheduler(**REFERENCE_SCHEDULER_CONFIG)).save_pretrained(tmp)
+        atomic_write_text(tmp / "training.json", json.dumps(meta, indent=2))
 
 
 def train_unet(out: Path, steps: int, batch_size: int, lr: float, ema_decay: float, seed: int,
