@@ -20,7 +20,7 @@ from ..config import GradientAlignedQuantizer
 from ..models.wrap import reconstruction_units, set_quant_state
 from .capture import capture_all_outputs, capture_unit
 from .data import CalibrationData
-from .diagnostics import cosine_matrix, group_gradients
+from .diagnostics import cosine_matrix, group_gradients, mean_per_step
 from .reconstruction import UnitProblem, harden, init_quantizers, reconstruct, start_rounding
 from .weighting import learn_scores, sample_weights
 
@@ -112,9 +112,7 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
     def evaluate(problem):
         """Train / validation mean loss and per-timestep train loss, from one pass over the samples."""
         losses = problem.per_sample_losses(all_idx, bs)
-        steps = data.step_index[train_idx]
-        per_step = torch.zeros(int(data.step_index.max()) + 1).index_add_(0, steps, losses[train_idx])
-        per_step /= torch.bincount(steps, minlength=len(per_step)).clamp_min(1)
+        per_step = mean_per_step(losses[train_idx], data.step_index[train_idx], int(data.step_index.max()) + 1)
         val = losses[val_idx].mean().item() if len(val_idx) else float("nan")
         return losses[train_idx].mean().item(), val, per_step
 

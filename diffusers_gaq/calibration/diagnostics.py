@@ -53,12 +53,15 @@ def mean_off_diagonal(cos: torch.Tensor) -> float:
     return float((cos.sum() - cos.diagonal().sum()) / (t * (t - 1)))
 
 
+def mean_per_step(losses: torch.Tensor, steps: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """Mean of ``losses`` for each calibration timestep index in ``steps`` (0 where a step has none)."""
+    total = torch.zeros(num_steps, dtype=torch.float64).index_add_(0, steps, losses.double())
+    count = torch.zeros(num_steps, dtype=torch.float64).index_add_(0, steps, torch.ones_like(losses, dtype=torch.float64))
+    return (total / count.clamp_min(1)).float()
+
+
 @torch.no_grad()
 def per_step_loss(problem: UnitProblem, idx: torch.Tensor, step_index: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Mean reconstruction loss per calibration timestep (in sampling order)."""
     losses = problem.per_sample_losses(idx, batch_size)
-    steps = step_index[idx]
-    num = int(step_index.max()) + 1
-    total = torch.zeros(num, dtype=torch.float64).index_add_(0, steps, losses.double())
-    count = torch.zeros(num, dtype=torch.float64).index_add_(0, steps, torch.ones_like(losses, dtype=torch.float64))
-    return (total / count.clamp_min(1)).float()
+    return mean_per_step(losses, step_index[idx], int(step_index.max()) + 1)
