@@ -77,7 +77,7 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
     if calibration_data is None:
         shard = {}
         if dist is not None:
-            ids = dist.split_trajectories(config.samples_per_timestep)
+            ids = dist.split_trajectories(config.samples_per_timestep, config.calibration_batch_size)
             shard = {"trajectory_ids": ids, "gather": dist.trajectory_gatherer(ids)}
         calibration_data = collect_calibration_data(unet, pipe.scheduler.config, family, config, device, progress,
                                                     **shard)
