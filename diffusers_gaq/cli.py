@@ -59,6 +59,7 @@ def build_config(args):
         "weight_bits": args.weight_bits, "act_bits": args.act_bits, "weighting": args.weighting,
         "method": args.method, "timestep_schedule": args.timestep_schedule, "seed": args.seed,
         "device": args.device, "recon_iters": args.recon_iters, "meta_iters": args.meta_iters,
+        "grad_shards": args.grad_shards,
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
     if args.act_bits is not None and args.act_bits <= 0:
@@ -298,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--timestep-schedule", choices=["uniform", "normal"])
     q.add_argument("--recon-iters", type=int)
     q.add_argument("--meta-iters", type=int)
+    q.add_argument("--grad-shards", type=int,
+                   help="split every reconstruction minibatch into this many gradient shards, summed in a fixed "
+                        "order: results are then bit-identical for 1..N processes (default: one per process)")
     q.add_argument("--seed", type=int)
     q.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")

@@ -44,7 +44,10 @@ class GradientAlignedQuantizer:
         method "reconstruction" (AdaRound + LSQ, block by block) | "minmax" (round-to-nearest);
         recon_iters, recon_batch_size, weight_lr (AdaRound V), act_lr (step sizes; relative: the
         fraction of its initial value a step size may move per Adam step),
-        round_reg_weight (lambda), round_warmup (fraction without regulariser), beta_start/beta_end.
+        round_reg_weight (lambda), round_warmup (fraction without regulariser), beta_start/beta_end;
+        grad_shards (None: every process sums its share of a minibatch and the shares are all-reduced,
+        the fastest; K: every minibatch gradient is the fixed-order sum of K shard gradients,
+        whichever process computed each, so 1..K processes give bit-identical results).
     Sample weights (the paper's Algorithms 1-2)
         weighting "gradient_aligned" | "uniform"; val_fraction held out per timestep; num_groups
         (T, consecutive timestep groups); tau (softmax temperature); meta_iters, meta_batch_size,
@@ -81,6 +84,7 @@ class GradientAlignedQuantizer:
     round_warmup: float = 0.2
     beta_start: float = 20.0
     beta_end: float = 2.0
+    grad_shards: int | None = None
 
     weighting: str = "gradient_aligned"
     val_fraction: float = 0.05
@@ -92,6 +96,17 @@ class GradientAlignedQuantizer:
     meta_lr: float = 0.1
     carry_scores: bool = False
 
+    # model families (issue #8)
+    # Class-conditional models (class-conditional UNet2DModel, DiT): labels of the calibration
+    # trajectories, trajectory j taking class_labels[j % len]; empty: spread evenly over every class.
+    class_labels: tuple[int, ...] = ()
+    # Text-conditional models (Stable Diffusion): prompts of the calibration trajectories, trajectory j
+    # taking calibration_prompts[j % len]; empty: a small built-in list (models/unet2d_condition.py).
+    calibration_prompts: tuple[str, ...] = ()
+    # Classifier-free guidance of the calibration trajectories (DiT, Stable Diffusion): None takes the
+    # pipeline's default (4.0 DiT, 7.5 SD); <= 1 turns guidance off (conditional inputs only).
+    guidance_scale: float | None = None
+
     seed: int = 0
     device: str | None = None
 
@@ -101,6 +116,7 @@ class GradientAlignedQuantizer:
         if not isinstance(self.keep_fp, (list, tuple)):
             self._fail("keep_fp", "a list of module-name patterns (strings)")
         self.keep_fp = tuple(self.keep_fp)
+        self._normalise_family_fields()
         self.validate()
 
     # ---- validation -------------------------------------------------------------------------
@@ -149,6 +165,7 @@ class GradientAlignedQuantizer:
         self._float("round_warmup", 0.0, 1.0, hi_open=True)
         self._float("beta_start", 0.0, lo_open=True)
         self._float("beta_end", 0.0, lo_open=True)
+        self._int("grad_shards", 1, self.recon_batch_size, none_ok=True)
         self._float("val_fraction", 0.0, 0.5, hi_open=True)
         self._int("num_groups", 1)
         if self.num_groups > self.num_calibration_timesteps:
@@ -158,6 +175,7 @@ class GradientAlignedQuantizer:
         self._int("meta_batch_size", 1)
         self._float("inner_lr", 0.0)
         self._float("meta_lr", 0.0)
+        self._validate_family_fields()
         self._int("seed", 0, 2**32 - 1)
         if self.device is not None:
             if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
@@ -171,6 +189,26 @@ class GradientAlignedQuantizer:
         if self.weighting == "gradient_aligned" and self.method == "minmax":
             raise ValueError("weighting='gradient_aligned' needs method='reconstruction' "
                              "(min-max quantization has no calibration loss to weight); set weighting='uniform'")
+
+    def _normalise_family_fields(self) -> None:
+        # JSON gives lists back; a single string is one prompt, a single int one label.
+        for name, scalar in (("class_labels", int), ("calibration_prompts", str)):
+            value = getattr(self, name)
+            if isinstance(value, scalar):
+                value = (value,)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, tuple(value))
+
+    def _validate_family_fields(self) -> None:
+        labels = self.class_labels
+        if not isinstance(labels, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                    for v in labels):
+            self._fail("class_labels", "a list of non-negative integer class labels (empty: spread over all classes)")
+        prompts = self.calibration_prompts
+        if not isinstance(prompts, tuple) or not all(isinstance(p, str) and p.strip() for p in prompts):
+            self._fail("calibration_prompts", "a list of non-empty prompt strings (empty: the built-in list)")
+        if self.guidance_scale is not None:
+            self._float("guidance_scale", 0.0)
 
     # ---- derived ----------------------------------------------------------------------------
     @property

@@ -5,13 +5,19 @@ are split between processes:
 
 - the calibration trajectories (each process samples a shard, :meth:`Dist.gather_trajectories`
   puts the full set back together in trajectory order);
-- every reconstruction minibatch (:meth:`Dist.shard`), whose gradients are summed across
-  processes before each optimizer step (:meth:`Dist.sum_grads`);
+- every reconstruction minibatch: by default each process takes a share (:meth:`Dist.shard`)
+  and the gradients are summed across processes before each optimizer step
+  (:meth:`Dist.sum_grads`); with ``config.grad_shards = K`` the minibatch is cut into K fixed
+  shards, each process computes whole shards and the shard gradients are gathered and added in
+  shard order (:meth:`Dist.gather_rows`, reconstruction.sharded_backward);
 - nothing else: the meta step on the sample scores is computed on the full minibatch by every
-  process, and its gradient is averaged only as a safety net (:meth:`Dist.average_tensor`).
+  process (its L_GM term couples all samples of the minibatch, so it does not split into a sum
+  over shares), and rank 0's score gradient is broadcast as a safety net (:meth:`Dist.broadcast_tensor`).
 
-So every process holds identical parameters at every step, and the result matches a
-single-process run up to floating-point reduction order.
+So every process holds identical parameters at every step. By default the result matches a
+single-process run up to floating-point reduction order (which quantization turns into a few
+differing codes); with ``grad_shards`` set it is bit-identical to a single-process run with the
+same ``grad_shards`` and thread count.
 
 How launches behave on a CPU-only machine (measured with accelerate 1.15, torch 2.13):
 
@@ -149,16 +155,27 @@ class Dist:
                 f"recon_batch_size={config.recon_batch_size} is smaller than the number of processes "
                 f"({self.world_size}): some processes would get an empty share of every reconstruction minibatch; "
                 f"use recon_batch_size >= {self.world_size} or fewer processes")
+        if config.grad_shards is not None and config.grad_shards < self.world_size:
+            raise ValueError(
+                f"grad_shards={config.grad_shards} is smaller than the number of processes ({self.world_size}): "
+                f"{self.world_size - config.grad_shards} processes would have no shard to compute; use grad_shards "
+                f"= a multiple of {self.world_size} (bit-identical results for every process count up to it)")
 
     # -- work splitting ------------------------------------------------------------------------------
     def shard(self, idx: torch.Tensor) -> torch.Tensor:
         """This process's share of a minibatch: every world_size-th entry, possibly none."""
         return idx[self.rank :: self.world_size]
 
-    def split_trajectories(self, n: int) -> list[int]:
-        """This process's trajectory ids among 0..n-1 (contiguous, sizes differing by at most one)."""
-        with self.state.split_between_processes(list(range(n))) as ids:
-            return list(ids)
+    def split_trajectories(self, n: int, batch_size: int | None = None) -> list[int]:
+        """This process's trajectory ids among 0..n-1: contiguous, in whole sampling batches of
+        ``batch_size`` (numbers of batches differing by at most one; a process may get none).
+
+        Whole batches, because CPU kernels round differently for different batch sizes: only a
+        process that samples exactly the batches a single process samples gets the same bits."""
+        batch_size = batch_size or n
+        batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+        with self.state.split_between_processes(batches) as mine:
+            return [i for batch in mine for i in batch]
 
     # -- collectives ---------------------------------------------------------------------------------
     def _all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
@@ -200,11 +217,6 @@ class Dist:
         """The sum over processes of a (detached) scalar tensor."""
         return self._all_reduce_(t.detach().clone())
 
-    def average_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        """The mean over processes (a new tensor). For the same tensor on every process and two
-        processes it is exact: (g + g) / 2 == g in floating point."""
-        return self._all_reduce_(t.detach().clone()) / self.world_size
-
     @torch.no_grad()
     def gather_trajectories(self, local: torch.Tensor, ids) -> torch.Tensor:
         """``local`` [S, k, ...] holds trajectories ``ids`` (k of them, k may differ between processes,
@@ -238,6 +250,27 @@ class Dist:
     def trajectory_gatherer(self, ids):
         """``gather(xs)`` for :func:`collect_calibration_data`, bound to this process's ids."""
         return functools.partial(self.gather_trajectories, ids=ids)
+
+    @torch.no_grad()
+    def gather_rows(self, rows: torch.Tensor, row_ids: list[int], total: int) -> torch.Tensor:
+        """``rows`` [k, D] are rows ``row_ids`` of a [total, D] matrix, every row computed by exactly one
+        process (row i by process i mod world_size); return the whole matrix on every process, in row order."""
+        width = -(-total // self.world_size)  # the most rows any process holds
+        pad = torch.zeros(width, rows.shape[1], dtype=rows.dtype, device=self.comm_device)
+        pad[: len(row_ids)] = rows.to(self.comm_device)
+        shares = [torch.empty_like(pad) for _ in range(self.world_size)]
+        torch.distributed.all_gather(shares, pad)
+        full = torch.empty(total, rows.shape[1], dtype=rows.dtype, device=self.comm_device)
+        for r, share in enumerate(shares):
+            ids = list(range(r, total, self.world_size))
+            full[ids] = share[: len(ids)]
+        return full.to(rows.device)
+
+    def broadcast_tensor(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Process ``src``'s ``t`` on every process (a new tensor): exact for any number of processes."""
+        buf = t.detach().clone().to(self.comm_device)
+        torch.distributed.broadcast(buf, src=src)
+        return buf.to(t.device)
 
     def broadcast_object(self, obj=None, src: int = 0):
         """``obj`` of process ``src`` (small picklable objects: paths, flags, metadata)."""

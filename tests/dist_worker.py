@@ -77,9 +77,11 @@ def check_primitives(dist) -> None:
     idx = torch.arange(10, 13)
     assert dist.shard(idx).tolist() == idx.tolist()[r::w]
     assert len(dist.shard(idx[:1])) == (1 if r == 0 else 0)
-    # Trajectory ids: a partition of range(n) in rank order, even for n < world size.
-    for n in (1, 5):
-        ids = dist.split_trajectories(n)
+    # Trajectory ids: a partition of range(n) in rank order, in whole batches, even for n < world size.
+    for n, batch in ((1, None), (5, None), (7, 3)):
+        ids = dist.split_trajectories(n, batch)
+        if batch is not None:  # whole batches: [0, 1, 2, 3, 4, 5] and [6] for two processes
+            assert ids == (list(range(6)) if r == 0 else [6]) if w == 2 else True, ids
         everyone = [None] * w
         torch.distributed.all_gather_object(everyone, ids)
         assert sum(everyone, []) == list(range(n)), everyone
@@ -96,8 +98,13 @@ def check_primitives(dist) -> None:
     assert only0.grad.tolist() == [1.0, 2.0] and nobody.grad is None, (only0.grad, nobody.grad)
     assert all_.grad.tolist() == [w * (w + 1) / 2] * 2, all_.grad
     assert float(dist.sum_scalar(torch.tensor(float(r)))) == w * (w - 1) / 2
-    g = torch.tensor([0.1, -3.7, 1e-30])
-    assert torch.equal(dist.average_tensor(g), g) if w == 2 else torch.allclose(dist.average_tensor(g), g)
+    assert torch.equal(dist.broadcast_tensor(torch.tensor([0.1, -3.7, float(r)])), torch.tensor([0.1, -3.7, 0.0]))
+    # Rows gathered in row order whoever computed them (row i by process i mod w), uneven counts included.
+    for total in (1, 3, 4):
+        ids = list(range(r, total, w))
+        rows = torch.tensor([[float(i), float(10 * i)] for i in ids]).reshape(len(ids), 2)
+        full = dist.gather_rows(rows, ids, total)
+        assert torch.equal(full[:, 0], torch.arange(total, dtype=torch.float32)), full
     assert dist.broadcast_object({"rank": r} if r == 0 else None) == {"rank": 0}
     dist.assert_same({"x": torch.ones(3)}, "primitives")
     try:

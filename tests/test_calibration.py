@@ -374,6 +374,61 @@ def test_reconstruct_is_deterministic_under_a_seed():
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
+def _minibatch_grads(problem, cfg, pick, num_shards=None):
+    """Gradients of the omega-weighted minibatch loss, plain (num_shards None) or sharded."""
+    from diffusers_gaq.calibration.reconstruction import sharded_backward
+
+    train = torch.arange(40)
+    omega = torch.linspace(0.5, 1.5, 40)
+    params = [p for ps in problem.trainable_params(cfg).values() for p in ps]
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    if num_shards is None:
+        loss = (omega[pick] * problem.losses(train[pick])).sum() / len(pick)
+        loss.backward()
+        loss = loss.detach()
+    else:
+        loss = sharded_backward(problem, pick, train, omega, params, num_shards)
+    return loss, [p.grad.clone() for p in params]
+
+
+def test_sharded_backward_is_the_minibatch_gradient():
+    problem = _toy_problem(seed=2)
+    cfg = GradientAlignedQuantizer(weight_bits=3, recon_batch_size=7)
+    init_quantizers(problem, torch.arange(40), cfg)
+    start_rounding(problem)
+    pick = torch.tensor([3, 17, 5, 5, 38, 0, 21])
+    loss, ref = _minibatch_grads(problem, cfg, pick)
+    for k in (1, 2, 3, 7):  # 7 shards of one sample each; 3 shards of uneven sizes
+        loss_k, grads = _minibatch_grads(problem, cfg, pick, k)
+        torch.testing.assert_close(loss_k, loss, rtol=1e-5, atol=0)
+        for g, r in zip(grads, ref):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)  # float32 sums in another order
+    # One shard is the plain backward pass, to the bit.
+    assert all(torch.equal(g, r) for g, r in zip(_minibatch_grads(problem, cfg, pick, 1)[1], ref))
+    # More shards than samples: the empty shards add nothing.
+    _, grads = _minibatch_grads(problem, cfg, pick[:2], 5)
+    _, ref2 = _minibatch_grads(problem, cfg, pick[:2])
+    for g, r in zip(grads, ref2):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)  # float32 sums in another order
+
+
+def test_reconstruct_with_grad_shards_is_deterministic_and_close_to_plain():
+    def run(shards):
+        problem = _toy_problem(seed=1)
+        cfg = GradientAlignedQuantizer(weight_bits=3, recon_iters=10, recon_batch_size=8, grad_shards=shards, seed=0)
+        init_quantizers(problem, torch.arange(40), cfg)
+        start_rounding(problem)
+        curve = reconstruct(problem, torch.arange(40), torch.ones(40), cfg, torch.Generator().manual_seed(5),
+                            progress=False)
+        return curve, [q.scale.detach().clone() for q in problem.act_quantizers()]
+
+    a, b, plain = run(4), run(4), run(None)
+    assert a[0] == b[0] and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+    torch.testing.assert_close(torch.tensor(a[0]), torch.tensor(plain[0]), rtol=1e-3, atol=0)
+
+
 def test_reconstruct_zero_iterations_is_a_no_op():
     problem = _toy_problem()
     cfg = GradientAlignedQuantizer(recon_iters=0)

@@ -71,6 +71,7 @@ INVALID = [
     ("num_groups", 0), ("num_groups", 11), ("tau", 0.0), ("tau", -1.0),
     ("meta_iters", -1), ("meta_batch_size", 0), ("inner_lr", -1e-2), ("meta_lr", -0.1), ("meta_lr", "0.1"),
     ("seed", -1), ("seed", 2**32), ("seed", 1.5), ("device", 0),
+    ("grad_shards", 0), ("grad_shards", 33), ("grad_shards", 2.0),
 ]
 
 
@@ -123,9 +124,10 @@ NON_DEFAULT = dict(weight_bits=3, act_bits=None, weight_granularity="per_tensor"
                    num_inference_steps=100, num_calibration_timesteps=20, samples_per_timestep=3,
                    timestep_schedule="normal", calibration_batch_size=7, method="minmax", recon_iters=11,
                    recon_batch_size=5, weight_lr=0.1234567890123, act_lr=0.0, round_reg_weight=1e-3,
-                   round_warmup=0.0, beta_start=1e3, beta_end=0.5, weighting="uniform", val_fraction=0.25,
+                   round_warmup=0.0, beta_start=1e3, beta_end=0.5, grad_shards=5, weighting="uniform", val_fraction=0.25,
                    num_groups=20, tau=0.3, meta_iters=0, meta_batch_size=9, inner_lr=1e-7, meta_lr=2.5,
-                   carry_scores=True, seed=2**32 - 1, device="cpu")
+                   carry_scores=True, class_labels=(3, 0, 999), calibration_prompts=("a cat", "a red car"),
+                   guidance_scale=2.5, seed=2**32 - 1, device="cpu")
 
 
 def test_non_default_covers_every_field():
@@ -241,11 +243,15 @@ def valid_kwargs(draw):
         meta_batch_size=draw(st.integers(1, 4096)),
         inner_lr=draw(_nonneg_float()),
         meta_lr=draw(_nonneg_float()),
+        class_labels=tuple(draw(st.lists(st.integers(0, 2000), max_size=4))),
+        calibration_prompts=tuple(draw(st.lists(st.text(min_size=1, max_size=12).filter(str.strip), max_size=3))),
+        guidance_scale=draw(st.none() | _nonneg_float(20.0)),
         seed=draw(st.integers(0, 2**32 - 1)),
         device=draw(st.none() | st.sampled_from(["cpu", "cuda", "cuda:1"])),
     )
     for name in BOOL_FIELDS:
         kw[name] = draw(st.booleans())
+    kw["grad_shards"] = draw(st.none() | st.integers(1, kw["recon_batch_size"]))
     assert set(kw) == set(FIELDS)
     return kw
 
@@ -305,6 +311,8 @@ def one_invalid(draw):
         "calibration_batch_size": _bad_int(1),
         "recon_iters": _bad_int(0),
         "recon_batch_size": _bad_int(1),
+        "grad_shards": (st.integers(max_value=0) | st.integers(min_value=kw["recon_batch_size"] + 1)
+                        | _not_int.filter(lambda v: v is not None)),  # None: one shard per process
         "weight_lr": _bad_float(0.0, lo_open=True),
         "act_lr": _bad_float(0.0),
         "round_reg_weight": _bad_float(0.0),
@@ -320,6 +328,12 @@ def one_invalid(draw):
         "meta_lr": _bad_float(0.0),
         "seed": _bad_int(0, 2**32 - 1),
         "device": st.integers() | st.floats() | st.booleans(),
+        "class_labels": (st.lists(st.integers(max_value=-1) | st.booleans() | st.text(max_size=2) | st.floats(),
+                                  min_size=1, max_size=3).map(tuple) | st.none() | st.floats()),
+        "calibration_prompts": (st.lists(st.just("") | st.just("  ") | st.integers() | st.none(), min_size=1,
+                                         max_size=3).map(tuple) | st.integers(min_value=1)),
+        "guidance_scale": (st.floats(max_value=0.0, exclude_max=True, allow_nan=False, allow_infinity=False)
+                           | st.booleans() | st.text(max_size=3) | st.just(float("nan")) | st.just(float("inf"))),
     }
     for name in CHOICES:
         bad[name] = _bad_choice(name)

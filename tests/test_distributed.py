@@ -3,23 +3,24 @@
 The slow tests launch real processes (gloo on CPU) through ``accelerate launch`` and ``torchrun``
 running tests/dist_worker.py, and compare what calibration decided with a single-process run.
 
-What "the same result" can mean here. Two processes sum each minibatch's gradient from two
-shards, a single process from one batch: the sums differ in the last bits. Quantization turns
-such differences into discrete ones (an activation rounds to the neighbouring level, an AdaRound
-V ends on the other side of 0) and every later unit sees them, so the comparison is exact only
-where nothing upstream was reduced differently:
+Two ways to split a reconstruction minibatch, two promises:
 
-- weight scales / zero points: bit-identical (they depend on the FP weights alone);
-- the first two units (time_embedding, conv_in): bit-identical codes and sample weights (the meta
-  step sees the same gathered data and the same initial quantizers), activation step sizes equal
-  within 1e-6 (observed 8e-9: six Adam steps on gradients summed in a different order);
-- further on, nothing elementwise: the differences grow by 10-100x per unit (omega of the 3rd unit
-  differs by 7e-6, of the 6th by 0.3). Only the share of differing weight codes is bounded: at
-  most 1 % (observed 0.12-0.28 % over four budgets). Final losses are not compared: the LSQ step
-  of an attention-probability quantizer (about 1/255) moves by act_lr=1e-3 per Adam step and can
-  land near 0 in one run and not in the other (seen: one unit's loss 0.62 vs 1.79);
-- two processes started by accelerate and by torchrun get the same shards, so their results are
-  bit-identical, and with GAQ_CHECK_SYNC=1 every unit is checked to be bit-identical across ranks.
+- ``grad_shards=K`` (the CLI's ``--grad-shards K``): the minibatch is cut into K fixed shards, each
+  shard's gradient is computed whole by one process and the K gradients are gathered and added in
+  shard order. A shard's gradient does not depend on which process computed it, and trajectories
+  are sampled in the same whole batches, so 1, 2, ... K processes give BIT-IDENTICAL results: codes,
+  weight scales, activation step sizes, sample weights; tolerance zero. (Same thread count per
+  process: CPU kernels may split reductions by thread.) Tested on the reference pipeline through
+  the CLI, as users launch it.
+- the default (one share per process, gradients all-reduced): the sums differ from a single
+  process's in the last bits; quantization turns those into discrete differences (an activation
+  rounds to the neighbouring level, an AdaRound V ends on the other side of 0) and every later unit
+  sees them. So: weight scales / zero points bit-identical (FP weights alone); the first two units
+  (time_embedding, conv_in) bit-identical codes and sample weights, activation steps within 1e-6
+  (observed 8e-9); further on only the share of differing codes is bounded: at most 1 % (observed
+  0.12-0.28 % over four budgets).
+
+With GAQ_CHECK_SYNC=1 every unit is also checked to be bit-identical across ranks.
 """
 
 from __future__ import annotations
@@ -109,11 +110,6 @@ def single(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_accelerate(tmp_path_factory):
-    return quantize_with(lambda *a: accelerate_cmd(2, *a), tmp_path_factory.mktemp("accelerate"))
-
-
-@pytest.fixture(scope="module")
 def two_torchrun(tmp_path_factory):
     # The primitives (empty shares, gradients missing on one rank, uneven gathers) are checked first.
     return quantize_with(lambda *a: torchrun_cmd(2, *a), tmp_path_factory.mktemp("torchrun"), "--check-primitives")
@@ -137,17 +133,52 @@ def assert_matches_single_process(single: dict, multi: dict) -> None:
 
 
 @pytest.mark.slow
-def test_accelerate_two_processes_match_one(single, two_accelerate):
-    assert_matches_single_process(single, two_accelerate)
+def test_default_sharding_two_processes_match_one_within_bounds(single, two_torchrun):
+    assert_matches_single_process(single, two_torchrun)
+
+
+# ---- the CLI on the reference pipeline, fixed gradient shards: bit-identical ----------------------------
+
+CLI = ["-m", "diffusers_gaq.cli", "quantize", "reference", "--budget", "tiny", "--weight-bits", "4",
+       "--act-bits", "8", "--grad-shards", "2", "--seed", "3"]
+
+
+def cli_checkpoint(launcher, tmp: Path) -> dict[str, torch.Tensor]:
+    """Run the CLI under ``launcher``; return every tensor it saved (weights and calibration report)."""
+    from safetensors.torch import load_file
+
+    out = tmp / "out"
+    run(launcher(*CLI, "--output", out), tmp)
+    # One pipeline folder, written once (by the main process): no stray temporary folders beside it.
+    assert sorted(p.name for p in tmp.iterdir() if p.name != "hf_home") == ["out"]
+    tensors = {}
+    for name in ("diffusion_pytorch_model.safetensors", "calibration_report.safetensors"):
+        tensors.update({f"{name}:{k}": v for k, v in load_file(str(out / "unet" / name)).items()})
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def cli_single(tmp_path_factory):
+    return cli_checkpoint(lambda *a: [sys.executable, *a], tmp_path_factory.mktemp("cli_single"))
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert any(k.endswith("weight_codes") for k in a) and any("omega" in k for k in a), sorted(a)[:20]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one_and_accelerate(single, two_torchrun, two_accelerate):
-    assert_matches_single_process(single, two_torchrun)
-    # Same shards, same reduction order: the two launchers must agree to the bit.
-    assert two_torchrun.keys() == two_accelerate.keys()
-    for key in two_torchrun:
-        assert torch.equal(two_torchrun[key], two_accelerate[key]), key
+def test_cli_accelerate_two_processes_bit_identical_to_one(cli_single, tmp_path):
+    two = cli_checkpoint(lambda *a: accelerate_cmd(2, *a), tmp_path)
+    assert_bit_identical(cli_single, two)
+
+
+@pytest.mark.slow
+def test_cli_torchrun_two_processes_bit_identical_to_one(cli_single, tmp_path):
+    two = cli_checkpoint(lambda *a: torchrun_cmd(2, *a), tmp_path)
+    assert_bit_identical(cli_single, two)
 
 
 @pytest.mark.slow
@@ -207,3 +238,15 @@ def test_single_process_detects_nothing(monkeypatch):
     assert distributed.detect() is None
     assert distributed.is_main_process()
     distributed.wait_for_everyone()  # a no-op, not a hang
+
+
+def test_check_config_refuses_fewer_gradient_shards_than_processes():
+    from diffusers_gaq import GradientAlignedQuantizer
+
+    # Dist's checks read only world_size: a bare instance stands in for a process group here.
+    dist = object.__new__(distributed.Dist)
+    dist.world_size = 4
+    dist.check_config(GradientAlignedQuantizer(grad_shards=8))
+    dist.check_config(GradientAlignedQuantizer(grad_shards=None))
+    with pytest.raises(ValueError, match="grad_shards=2 is smaller than the number of processes"):
+        dist.check_config(GradientAlignedQuantizer(grad_shards=2))

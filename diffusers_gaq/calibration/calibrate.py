@@ -144,7 +144,7 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
                 init_scores = scores if config.carry_scores else torch.zeros(len(train_idx))
                 gen = torch.Generator().manual_seed(config.seed * 1009 + 2 * b + 1)
                 scores, _ = learn_scores(problem, init_scores, train_idx, val_groups, config, gen, progress,
-                                         grad_hook=dist.average_tensor if dist else None)
+                                         grad_hook=dist.broadcast_tensor if dist else None)
                 scores = scores.cpu()
                 omega = sample_weights(scores, config.tau)
                 rep.meta_seconds = time.perf_counter() - tm

@@ -111,6 +111,41 @@ def harden(problem: UnitProblem) -> None:
             layer.weight_quantizer.harden(layer.layer.weight)
 
 
+def sharded_backward(problem: UnitProblem, pick: torch.Tensor, train_idx: torch.Tensor, omega: torch.Tensor,
+                     params: list[torch.Tensor], num_shards: int, dist=None) -> torch.Tensor:
+    """Set ``p.grad`` of ``params`` to the gradient of the omega-weighted minibatch mean loss, computed as
+    the sum of ``num_shards`` shard gradients in shard order; return the loss (detached).
+
+    Shard k is the k-th contiguous piece of ``pick``; with several processes, process r computes shards
+    r, r + W, ... and the rows are gathered (not all-reduced) so that every process adds the same K
+    vectors in the same order. A shard's gradient does not depend on which process computed it (same
+    samples, same batch size), so the result is bit-identical for any number of processes <= K at
+    the same thread count."""
+    pieces = torch.tensor_split(pick, num_shards)
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    mine = list(range(rank, num_shards, world))
+    sizes = [p.numel() for p in params]
+    width = sum(sizes) + len(params) + 1  # gradients, a presence flag per parameter, the loss
+    rows = torch.zeros(len(mine), width, device=problem.device)
+    for row, k in enumerate(mine):
+        piece = pieces[k]
+        if len(piece) == 0:  # fewer samples than shards: this shard adds nothing
+            continue
+        loss = (omega[piece] * problem.losses(train_idx[piece])).sum() / len(pick)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        rows[row, : sum(sizes)] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                             for g, p in zip(grads, params)])
+        rows[row, sum(sizes) : -1] = torch.tensor([float(g is not None) for g in grads])
+        rows[row, -1] = loss.detach()
+    full = dist.gather_rows(rows, mine, num_shards) if dist is not None else rows  # [K, width], shard order
+    total = full.sum(0)
+    offset = 0
+    for p, n, present in zip(params, sizes, total[sum(sizes) : -1].tolist()):
+        p.grad = total[offset : offset + n].view_as(p).clone() if present else None
+        offset += n
+    return total[-1]
+
+
 def reconstruct(problem: UnitProblem, train_idx: torch.Tensor, omega: torch.Tensor, config: GradientAlignedQuantizer,
                 generator: torch.Generator, progress: bool = True, dist=None) -> list[float]:
     """Minimise the omega-weighted reconstruction loss plus AdaRound's regulariser; returns the loss curve.
@@ -118,7 +153,9 @@ def reconstruct(problem: UnitProblem, train_idx: torch.Tensor, omega: torch.Tens
     ``omega`` holds one weight per entry of ``train_idx``. With several processes, ``dist`` (see
     distributed.py) gives each process its share of every minibatch (``dist.shard``) and sums the
     gradients of the reconstruction term across processes (``dist.sum_grads``) before each step, so
-    every process takes the same step as a single process would on the whole minibatch."""
+    every process takes the same step as a single process would on the whole minibatch. With
+    ``config.grad_shards`` set, the gradient is :func:`sharded_backward`'s fixed-order sum instead.
+    """
     groups = problem.trainable_params(config)
     param_groups = [{"params": groups["rounding"], "lr": config.weight_lr}]
     # Adam moves a parameter by about lr per step whatever its scale, and activation steps range
@@ -137,15 +174,18 @@ def reconstruct(problem: UnitProblem, train_idx: torch.Tensor, omega: torch.Tens
     bar = tqdm(range(config.recon_iters), desc=f"reconstruct {problem.name}", disable=not progress, leave=False)
     for step in bar:
         pick = torch.randint(0, len(train_idx), (min(config.recon_batch_size, len(train_idx)),), generator=generator)
-        local = dist.shard(pick) if dist is not None else pick
-        # Sum over this process's share, divided by the whole minibatch: summed over processes
-        # it is the minibatch mean.
-        rec = (omega[local] * problem.losses(train_idx[local])).sum() / len(pick)
         opt.zero_grad(set_to_none=True)
-        rec.backward()
-        if dist is not None:
-            dist.sum_grads(params)
-            rec = dist.sum_scalar(rec.detach())
+        if config.grad_shards is not None:
+            rec = sharded_backward(problem, pick, train_idx, omega, params, config.grad_shards, dist)
+        else:
+            local = dist.shard(pick) if dist is not None else pick
+            # Sum over this process's share, divided by the whole minibatch: summed over processes
+            # it is the minibatch mean.
+            rec = (omega[local] * problem.losses(train_idx[local])).sum() / len(pick)
+            rec.backward()
+            if dist is not None:
+                dist.sum_grads(params)
+                rec = dist.sum_scalar(rec.detach())
         beta = beta_schedule(step, config.recon_iters, config)
         if beta is not None and groups["rounding"]:
             # The regulariser depends on theta alone: every process adds the same gradient.

@@ -79,7 +79,8 @@ def learn_scores(problem: UnitProblem, scores: torch.Tensor, train_idx: torch.Te
                  grad_hook=None) -> tuple[torch.Tensor, list[dict]]:
     """``meta_iters`` Adam steps on the scores (Algorithm 2); theta itself is not changed.
 
-    ``grad_hook(grad)`` may transform the score gradient before the step (process averaging)."""
+    ``grad_hook(grad)`` may replace the score gradient before the step (with several processes: rank 0's
+    gradient, so that all processes stay identical)."""
     theta = problem.named_trainable(config)
     flags = {n: p.requires_grad for n, p in theta.items()}
     for p in theta.values():
