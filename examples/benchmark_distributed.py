@@ -67,7 +67,7 @@ def worker(args) -> int:
     logging.basicConfig(level=logging.WARNING)
     pipe = build_pipeline(args.pipeline)
     config = GradientAlignedQuantizer(weight_bits=4, act_bits=8, weighting="gradient_aligned", device="cpu",
-                                      **budgets()[args.budget])
+                                      grad_shards=args.grad_shards, **budgets()[args.budget])
     t0 = time.perf_counter()
     qpipe = quantize_pipeline(pipe, config, progress=False)
     seconds = time.perf_counter() - t0
@@ -76,7 +76,11 @@ def worker(args) -> int:
         losses = [u.loss_final for u in report.units]
         result = {"processes": 1 if dist is None else dist.world_size, "threads": torch.get_num_threads(),
                   "data_seconds": report.data_seconds, "calibration_seconds": report.calibration_seconds,
-                  "quantize_seconds": seconds, "mean_final_loss": sum(losses) / len(losses)}
+                  "quantize_seconds": seconds, "mean_final_loss": sum(losses) / len(losses),
+                  "recon_seconds": sum(u.recon_seconds for u in report.units),
+                  "meta_seconds": sum(u.meta_seconds for u in report.units)}
+        torch.save({n: m.weight_quantizer.codes for n, m in qpipe.unet.named_modules()
+                    if getattr(m, "weight_quantizer", None) is not None}, str(args.worker) + ".codes.pt")
         Path(args.worker).write_text(json.dumps(result) + "\n")
     wait_for_everyone()
     return 0
@@ -125,6 +129,8 @@ def main(argv=None) -> int:
                              "thread (measured here: 16 ms per small op with 2 threads instead of 0.04 ms); "
                              "'passive' avoids that")
     parser.add_argument("--with-single-thread", action="store_true", help="also time 1 process x 1 thread")
+    parser.add_argument("--grad-shards", type=int, default=None,
+                        help="GradientAlignedQuantizer.grad_shards for every run (bit-identical runs at equal threads)")
     parser.add_argument("--output", type=Path, default=None, help="also write the rows to this JSON file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: result path of one run
     args = parser.parse_args(argv)
@@ -136,6 +142,8 @@ def main(argv=None) -> int:
 
     n, me = args.processes, str(Path(__file__).resolve())
     common = ["--budget", args.budget, "--pipeline", args.pipeline]
+    if args.grad_shards:
+        common += ["--grad-shards", str(args.grad_shards)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         runs = [
@@ -152,19 +160,36 @@ def main(argv=None) -> int:
             logger.info("running %s ...", label)
             rows.append({"setup": label, **launch(cmd + common + ["--worker", str(result)], threads, result,
                                                   args.timeout, args.omp_wait_policy)})
-    logger.info("\nbudget %s, %s pipeline, OMP_WAIT_POLICY %s", args.budget, args.pipeline,
-                args.omp_wait_policy or "unset")
-    header = f"{'setup':26s} {'data s':>8s} {'calib s':>8s} {'wall s':>8s} {'speed-up':>9s} {'mean loss':>10s}"
+            if not rows[-1].get("timed_out"):
+                import torch
+
+                rows[-1]["codes"] = torch.load(str(result) + ".codes.pt")
+    logger.info("\nbudget %s, %s pipeline, OMP_WAIT_POLICY %s, grad_shards %s", args.budget, args.pipeline,
+                args.omp_wait_policy or "unset", args.grad_shards)
+    header = (f"{'setup':26s} {'data s':>8s} {'recon s':>8s} {'meta s':>8s} {'calib s':>8s} {'wall s':>8s} "
+              f"{'speed-up':>9s} {'recon x':>8s} {'codes differ':>13s}")
+    logger.info("(speed-ups against the first row; differing codes against %s)", same_threads["setup"])
     logger.info(header)
     logger.info("-" * len(header))
-    base = rows[0].get("calibration_seconds")
+    base = rows[0]
+    # Codes are compared with the single process that uses one thread, like each launched process.
+    same_threads = next((r for r in rows if r["setup"] == "1 process x 1 thread"), base)
+    base_codes = same_threads.get("codes")
     for r in rows:
         if r.get("timed_out"):
             logger.info(f"{r['setup']:26s} {'timed out after':>17s} {r['wall_seconds']:8.1f}")
             continue
-        speedup = f"{base / r['calibration_seconds']:8.2f}x" if base else f"{'-':>9s}"
-        logger.info(f"{r['setup']:26s} {r['data_seconds']:8.1f} {r['calibration_seconds']:8.1f} "
-                    f"{r['wall_seconds']:8.1f} {speedup} {r['mean_final_loss']:10.4g}")
+        codes = r.pop("codes")
+        if base_codes is not None:
+            differ = sum(int((codes[k] != base_codes[k]).sum()) for k in codes)
+            r["codes_differing"] = differ / sum(v.numel() for v in codes.values())
+            speedup = f"{base['calibration_seconds'] / r['calibration_seconds']:8.2f}x"
+            recon_x = f"{base['recon_seconds'] / r['recon_seconds']:7.2f}x"
+        else:
+            speedup, recon_x = f"{'-':>9s}", f"{'-':>8s}"
+        logger.info(f"{r['setup']:26s} {r['data_seconds']:8.1f} {r['recon_seconds']:8.1f} {r['meta_seconds']:8.1f} "
+                    f"{r['calibration_seconds']:8.1f} {r['wall_seconds']:8.1f} {speedup} {recon_x} "
+                    f"{100 * r.get('codes_differing', float('nan')):12.3f}%")
     if args.output:
         args.output.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

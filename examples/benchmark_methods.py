@@ -4,6 +4,8 @@ same noise, calibration time, sampling time relative to FP, peak RSS.
     python examples/benchmark_methods.py run --methods fp,minmax,quanto,uniform --bits w8a8,w4a8,w4a4
     python examples/benchmark_methods.py run --methods uniform,normal,gradient_aligned --bits w4a8 --seeds 0,1,2
     python examples/benchmark_methods.py report          # -> docs/benchmarks.md tables + PNG plots
+    python examples/benchmark_methods.py run --methods gradient_aligned --bits w4a8 --variant _tau2 --overrides '{"tau": 2}'
+    python examples/benchmark_methods.py ablations --bits w4a8 --seed 0   # the variants of one setting
 
 Every finished row is appended to a JSONL file (default runs/benchmark.jsonl), so an interrupted
 run resumes where it stopped and rows from several invocations land in one report.
@@ -217,6 +219,32 @@ def report(args) -> None:
         print(f"plot: {args.plot}")
 
 
+def ablations(args) -> None:
+    """One row per ablation variant (and the default gradient-aligned / uniform rows of the same bits
+    and seed): FID-ref, its excess over FP against uniform's, PSNR, calibration and meta-step time,
+    how far the sample weights moved, the mean held-out loss after reconstruction."""
+    rows = [r for path in args.jsonl.split(",") for r in load_rows(Path(path))]
+    rows = [r for r in rows if r["num_images"] == args.num_images]
+    fp = next((r for r in rows if r["method"] == "fp"), None)
+    pick = lambda r: r["bits"] == args.bits and r["seed"] == args.seed  # noqa: E731
+    base = {r["method"]: r for r in rows if pick(r) and not r.get("variant") and r["method"] in ("uniform",
+                                                                                                 "gradient_aligned")}
+    table = [("uniform (= meta_iters 0)", base.get("uniform")), ("gradient-aligned, defaults", base.get("gradient_aligned"))]
+    table += [(f"{r['variant'].lstrip('_')} {json.dumps(r['overrides'])}", r) for r in rows if pick(r) and r.get("variant")]
+    uni = base.get("uniform")
+    lines = [f"| {args.bits}, seed {args.seed} | FID-ref | excess ratio vs uniform | PSNR vs FP (dB) | calibration (s) | "
+             "time vs uniform | meta (s) | omega std | held-out loss |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, r in table:
+        if r is None:
+            continue
+        excess = (r["fid_ref"] - fp["fid_ref"]) / (uni["fid_ref"] - fp["fid_ref"]) if fp and uni else None
+        lines.append(f"| {label} | {r['fid_ref']:.2f} | {_fmt(excess)} | {_fmt(r['psnr_db'])} | "
+                     f"{r['calibration_seconds']:.0f} | {_fmt(r['calibration_seconds'] / uni['calibration_seconds'] if uni else None)} | "
+                     f"{_fmt(r.get('meta_seconds'), '.0f')} | {_fmt(r.get('omega_std'), '.3f')} | "
+                     f"{_fmt(r.get('val_loss_final'), '.4f')} |")
+    print("\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -238,11 +266,13 @@ def main() -> None:
     rep.add_argument("--variant", default="")
     rep.add_argument("--num-images", type=int, default=1000)
     rep.add_argument("--plot", help="PNG path for the FID-ref bar chart")
+    ab = sub.add_parser("ablations", help="the ablation rows of one setting as a markdown table")
+    ab.add_argument("--jsonl", default=str(ROOT / "runs" / "benchmark.jsonl"), help="comma-separated JSONL files")
+    ab.add_argument("--bits", default="w4a8")
+    ab.add_argument("--seed", type=int, default=0)
+    ab.add_argument("--num-images", type=int, default=500)
     args = p.parse_args()
-    if args.cmd == "run":
-        run(args)
-    else:
-        report(args)
+    {"run": run, "report": report, "ablations": ablations}[args.cmd](args)
 
 
 if __name__ == "__main__":

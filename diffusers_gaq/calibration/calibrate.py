@@ -34,6 +34,7 @@ class UnitReport:
     name: str
     seconds: float = 0.0
     meta_seconds: float = 0.0
+    recon_seconds: float = 0.0  # the reconstruction loop alone (the part split between processes)
     loss_init: float = float("nan")  # training loss at round-to-nearest, before reconstruction
     loss_final: float = float("nan")
     val_loss_init: float = float("nan")
@@ -154,11 +155,13 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
                 weights = [omega[g] for g in train_groups]
                 rep.conflict_after = cosine_matrix(group_gradients(problem, theta, groups, weights))
             gen = torch.Generator().manual_seed(config.seed * 1009 + 2 * b)
+            tr = time.perf_counter()
             try:
                 reconstruct(problem, train_idx, omega, config, gen, progress and (dist is None or dist.is_main),
                             dist=dist)
             except FloatingPointError as err:  # non-finite loss: fall back below
                 rep.fallback = f"round-to-nearest ({err})"
+            rep.recon_seconds = time.perf_counter() - tr
         harden(problem)
         set_quant_state(unit, weight=True, act=bool(config.act_bits))
         rep.omega = omega.clone()
