@@ -1,9 +1,13 @@
 """diffusers-gaq: post-training quantization of diffusers pipelines with gradient-aligned calibration."""
 
 from .config import GradientAlignedQuantizer
-from .models.quantized import QuantizedUNet2DModel
+from .models.quantized import (QuantizedDiTTransformer2DModel, QuantizedTransformer2DModel,
+                               QuantizedUNet2DConditionModel, QuantizedUNet2DModel)
 from .pipeline import quantize_pipeline
+from .pipelines import ClassConditionalDDIMPipeline
 
 __version__ = "0.1.0"
 
-__all__ = ["GradientAlignedQuantizer", "QuantizedUNet2DModel", "quantize_pipeline", "__version__"]
+__all__ = ["ClassConditionalDDIMPipeline", "GradientAlignedQuantizer", "QuantizedDiTTransformer2DModel",
+           "QuantizedTransformer2DModel", "QuantizedUNet2DConditionModel", "QuantizedUNet2DModel", "quantize_pipeline",
+           "__version__"]

@@ -89,14 +89,16 @@ def config_fingerprint(config: GradientAlignedQuantizer) -> dict:
     return _jsonable({k: v for k, v in config.to_dict().items() if k not in _RESULT_NEUTRAL_FIELDS})
 
 
-def run_fingerprint(unet, scheduler_config, config: GradientAlignedQuantizer,
+def run_fingerprint(model, scheduler_config, config: GradientAlignedQuantizer,
                     calibration_data: CalibrationData | None = None) -> dict:
-    """Everything that determines the calibration result, in a JSON-comparable form."""
+    """Everything that determines the calibration result, in a JSON-comparable form. (A text
+    encoder is not in it: its prompt embeddings are in the saved calibration data, which a
+    resumed run reads instead of sampling again.)"""
     return {
         "config": config_fingerprint(config),
-        "model_class": type(unet).__name__,
-        "model_config": _public_config(unet.config),
-        "model_tensors": {name: tensor_digest(t) for name, t in unet.state_dict().items()},
+        "model_class": type(model).__name__,
+        "model_config": _public_config(model.config),
+        "model_tensors": {name: tensor_digest(t) for name, t in model.state_dict().items()},
         # Sampled data depends on the scheduler; data the caller gives does not.
         "scheduler_config": _public_config(scheduler_config) if calibration_data is None else None,
         "calibration_data": "sampled" if calibration_data is None else tensors_digest(calibration_data.to_tensors()),
@@ -176,14 +178,18 @@ def check_checkpoint_dir(directory: str | os.PathLike | None, resume: bool, need
                       f"{free / 2**20:.0f} MiB are free under {probe}; free some space or choose another folder")
 
 
-def estimated_checkpoint_bytes(unet, config: GradientAlignedQuantizer) -> int:
+def estimated_checkpoint_bytes(model, config: GradientAlignedQuantizer, family=None) -> int:
     """Room the checkpoint needs: the state file twice (the old one stays until the new one is
-    whole) at about 1.5x the model (FP weights plus codes and quantizer state), plus the data."""
-    model = sum(t.numel() * t.element_size() for t in unet.state_dict().values())
-    size = unet.config.sample_size
-    pixels = size * size if isinstance(size, int) else size[0] * size[1]
-    data = config.num_calibration_timesteps * config.samples_per_timestep * unet.config.in_channels * pixels * 4
-    return int(3 * model + data) + 16 * 2**20
+    whole) at about 1.5x the model (FP weights plus codes and quantizer state), plus the data
+    (counted with two conditioning branches, classifier-free guidance's upper bound)."""
+    from .models import family_for
+
+    family = family or family_for(model)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    c, h, w = family.sample_shape(model)
+    per_sample = c * h * w * 4 + family.conditioning_bytes_per_sample(model)
+    data = 2 * config.num_calibration_timesteps * config.samples_per_timestep * per_sample
+    return int(3 * weights + data) + 16 * 2**20
 
 
 # ---- what a resumed run starts from ------------------------------------------------------------
@@ -392,10 +398,13 @@ def open_checkpoint(directory: str | os.PathLike | None, resume: bool, pipe, con
                     ) -> tuple[CalibrationCheckpoint | None, ResumePoint]:
     """quantize_pipeline's entry point: check the folder and, when resuming, read and verify the
     checkpoint, all before any sampling. Returns (checkpoint or None, where to start)."""
-    check_checkpoint_dir(directory, resume, estimated_checkpoint_bytes(pipe.unet, config) if directory else 0)
+    from .models import denoiser_of
+
+    family, _, model = denoiser_of(pipe)
+    check_checkpoint_dir(directory, resume, estimated_checkpoint_bytes(model, config, family) if directory else 0)
     if directory is None:
         return None, ResumePoint()
-    checkpoint = CalibrationCheckpoint(directory, run_fingerprint(pipe.unet, pipe.scheduler.config, config,
+    checkpoint = CalibrationCheckpoint(directory, run_fingerprint(model, pipe.scheduler.config, config,
                                                                   calibration_data))
     return checkpoint, checkpoint.load() if resume else ResumePoint()
 

@@ -60,6 +60,7 @@ def build_config(args):
         "method": args.method, "timestep_schedule": args.timestep_schedule, "seed": args.seed,
         "device": args.device, "recon_iters": args.recon_iters, "meta_iters": args.meta_iters,
         "grad_shards": args.grad_shards,
+        "class_labels": args.class_labels, "calibration_prompts": args.prompt, "guidance_scale": args.guidance_scale,
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
     if args.act_bits is not None and args.act_bits <= 0:
@@ -105,11 +106,15 @@ def _check_checkpoint_dir(checkpoint_dir: Path | None, out: Path, resume: bool) 
     check_checkpoint_dir(checkpoint_dir, resume)
 
 
-def _check_space_for_model(out: Path, unet) -> None:
-    """The saved pipeline is smaller than the FP UNet (packed integers); ask for that much room."""
+def _check_space_for_model(out: Path, pipe) -> None:
+    """The saved pipeline is at most its FP size (the denoiser shrinks to packed integers, a text
+    encoder or VAE is saved as it is); ask for that much room."""
     import shutil
 
-    need = sum(t.numel() * t.element_size() for t in unet.state_dict().values()) + 16 * 2**20
+    from torch import nn
+
+    modules = [m for m in pipe.components.values() if isinstance(m, nn.Module)]
+    need = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values()) + 16 * 2**20
     probe = out
     while not probe.exists():
         probe = probe.parent
@@ -135,17 +140,23 @@ def cmd_quantize(args) -> int:
     _check_checkpoint_dir(checkpoint_dir, out, args.resume)
     _check_model_id(args.model)
     pipe = load_pipeline(args.model)
-    check_pipeline(pipe)
-    _check_space_for_model(out, pipe.unet)
+    _, component, _ = check_pipeline(pipe)
+    _check_space_for_model(out, pipe)
     start = time.perf_counter()
     qpipe = quantize_pipeline(pipe, config, progress=not args.quiet, checkpoint_dir=checkpoint_dir, resume=args.resume)
     if args.model != REFERENCE:
-        qpipe.unet.gaq_base_model = args.model
+        getattr(qpipe, component).gaq_base_model = args.model
     if is_main_process():
         save_quantized_pipeline(qpipe, out, overwrite=args.overwrite)
         print(f"quantized {config.tag} in {time.perf_counter() - start:.0f}s -> {out}")
     wait_for_everyone()
     return 0
+
+
+def _denoiser(pipe):
+    from .models import denoiser_of
+
+    return denoiser_of(pipe)[2]
 
 
 def _load_pair(directory: str, baseline: str | None):
@@ -154,7 +165,7 @@ def _load_pair(directory: str, baseline: str | None):
     qpipe = load_quantized_pipeline(directory)
     from .reference import PIPELINE_DIR
 
-    base_id = baseline or getattr(qpipe.unet, "gaq_base_model", None) or REFERENCE
+    base_id = baseline or getattr(_denoiser(qpipe), "gaq_base_model", None) or REFERENCE
     if Path(base_id).resolve() == PIPELINE_DIR.resolve():
         base_id = REFERENCE
     return qpipe, load_pipeline(base_id), base_id
@@ -183,10 +194,10 @@ def cmd_evaluate(args) -> int:
     result["baseline"] = base_id
     atomic_write_text(report_dir / "evaluation.json", json.dumps(result, indent=2) + "\n")
     _print_table([("FP", result.get("fid_ref_fp"), None, result["fp_sampling_seconds"]),
-                  (qpipe.unet.gaq_config.tag, result.get("fid_ref_quantized"), result["psnr_db"],
+                  (_denoiser(qpipe).gaq_config.tag, result.get("fid_ref_quantized"), result["psnr_db"],
                    result["quantized_sampling_seconds"])])
     if args.update_card:
-        qpipe.unet.gaq_evaluation = result
+        _denoiser(qpipe).gaq_evaluation = result
         save_quantized_pipeline(qpipe, directory, overwrite=True)
     print(f"report: {report_dir}")
     return 0
@@ -206,7 +217,9 @@ def cmd_info(args) -> int:
     from .serialization import WEIGHTS_NAME, CheckpointError
 
     directory = Path(args.directory)
-    unet_dir = directory / "unet" if (directory / "unet" / CONFIG_NAME).is_file() else directory
+    # A whole pipeline keeps the quantized denoiser in unet/ or transformer/.
+    unet_dir = next((directory / c for c in ("unet", "transformer") if (directory / c / CONFIG_NAME).is_file()),
+                    directory)
     qfile = unet_dir / CONFIG_NAME
     if not qfile.is_file():
         raise CheckpointError(f"{qfile} is missing: {directory} is not a diffusers-gaq checkpoint")
@@ -302,6 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--grad-shards", type=int,
                    help="split every reconstruction minibatch into this many gradient shards, summed in a fixed "
                         "order: results are then bit-identical for 1..N processes (default: one per process)")
+    q.add_argument("--class-labels", type=int, nargs="+", metavar="LABEL",
+                   help="class-conditional models (DiT, class-conditional UNet2DModel): labels of the calibration "
+                        "trajectories (default: spread evenly over every class)")
+    q.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="Stable Diffusion-style models: a calibration prompt; repeat for several (default: a small "
+                        "built-in list)")
+    q.add_argument("--guidance-scale", type=float,
+                   help="classifier-free guidance of the calibration trajectories (default: the pipeline's own, "
+                        "4.0 DiT / 7.5 SD; 1 turns it off)")
     q.add_argument("--seed", type=int)
     q.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")

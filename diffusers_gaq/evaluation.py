@@ -104,10 +104,18 @@ def image_grid(images, nrow: int | None = None):
 
 
 def as_ddim(pipe):
-    """The same UNet under a deterministic DDIM scheduler (eta = 0), for paired comparisons."""
-    from diffusers import DDIMPipeline, DDIMScheduler
+    """The same models under a deterministic DDIM scheduler (eta = 0), for paired comparisons.
+    Unconditional pipelines only (DDIM, DDPM, LDM): they all sample with ``pipe(batch_size=...)``."""
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, LDMPipeline
 
-    return DDIMPipeline(unet=pipe.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if isinstance(pipe, LDMPipeline):
+        return LDMPipeline(vqvae=pipe.vqvae, unet=pipe.unet, scheduler=scheduler)
+    if isinstance(pipe, (DDIMPipeline, DDPMPipeline)):
+        return DDIMPipeline(unet=pipe.unet, scheduler=scheduler)
+    raise TypeError(f"fidelity evaluation samples unconditional pipelines (DDIMPipeline, DDPMPipeline, LDMPipeline), "
+                    f"not {type(pipe).__name__}; sample the FP and the quantized pipeline with the same generator "
+                    "and compare them with diffusers_gaq.evaluation.sample_psnr")
 
 
 @torch.no_grad()

@@ -70,13 +70,21 @@ def _is_repo_id(value: str | None) -> bool:
 
 
 # ---- what the card says -----------------------------------------------------------------------
-def _quant_class_import() -> str:
+def _quant_class_import(class_name: str = "QuantizedUNet2DModel") -> str:
     # The short import needs the package to re-export the class; fall back to its home module.
     import diffusers_gaq
 
-    if hasattr(diffusers_gaq, "QuantizedUNet2DModel"):
-        return "from diffusers_gaq import QuantizedUNet2DModel"
-    return "from diffusers_gaq.models.quantized import QuantizedUNet2DModel"
+    if hasattr(diffusers_gaq, class_name):
+        return f"from diffusers_gaq import {class_name}"
+    return f"from diffusers_gaq.models.quantized import {class_name}"
+
+
+def _model_kind(model) -> tuple[str, str]:
+    """(what the card calls the model, the pipeline component that holds it)."""
+    from .models import family_for
+
+    component = family_for(model).component
+    return ("UNet" if component == "unet" else "transformer"), component
 
 
 def _bits_rows(model) -> list[dict]:
@@ -184,7 +192,7 @@ _TEMPLATE = """---
 
 ## Method
 
-The UNet was quantized after training, without fine-tuning.
+The {{ model_kind }} was quantized after training, without fine-tuning.
 {%- if reconstruction %} The recipe follows Q-Diffusion: calibration inputs are
 taken from the full-precision model's own DDIM sampling trajectory, and the network is rebuilt
 block by block so that each quantized block reproduces the output of its full-precision
@@ -272,8 +280,8 @@ learned weights; negative (blue) cells are groups that pull in opposite directio
 {% endif %}
 ## Usage
 
-Install `diffusers-gaq`, then load the quantized UNet and plug it into a pipeline:
-
+Install `diffusers-gaq`, then load the quantized {{ model_kind }} and plug it into a pipeline:
+{% if ddim_usage %}
 ```python
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler
@@ -284,21 +292,29 @@ unet = QuantizedUNet2DModel.from_pretrained("{{ repo_id }}")  # this repo's id, 
 pipe = DDIMPipeline(unet=unet, scheduler=scheduler)
 images = pipe(batch_size=4, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images
 ```
+{% else %}
+```python
+from diffusers import DiffusionPipeline
+{{ import_line }}
 
+{{ component }} = {{ quant_class }}.from_pretrained("{{ repo_id }}")  # this repo's id, or a local copy of it
+pipe = DiffusionPipeline.from_pretrained("{{ base_pipeline }}", {{ component }}={{ component }})
+```
+{% endif %}
 A whole pipeline saved with `qpipe.save_pretrained(path)` loads through diffusers' own loader: its
-`model_index.json` names `diffusers_gaq.models.quantized.QuantizedUNet2DModel`. Diffusers does not
+`model_index.json` names `diffusers_gaq.models.quantized.{{ quant_class }}`. Diffusers does not
 import modules a repository names, so import `diffusers_gaq` first:
 
 ```python
 import diffusers
-import diffusers_gaq  # noqa: F401 - makes QuantizedUNet2DModel known to diffusers' loader
+import diffusers_gaq  # noqa: F401 - makes {{ quant_class }} known to diffusers' loader
 
 pipe = diffusers.DiffusionPipeline.from_pretrained("path/to/saved-pipeline")
 ```
 
 ## Files
 
-- `config.json`: the base UNet's diffusers config
+- `config.json`: the base {{ model_kind }}'s diffusers config
 - `quantization_config.json`: quantization settings and per-layer bit widths
 - `diffusion_pytorch_model.safetensors`: packed integer weights, scales, zero points, activation step sizes
 - `calibration_report.safetensors` / `.json`: learned sample weights and per-block losses
@@ -336,8 +352,13 @@ def build_model_card(model, base_model: str | None = None, license: str | None =
     tags = ["quantization", "diffusers-gaq", config.tag, "diffusers"]
     if gradient_aligned:
         tags.append("gradient-aligned-calibration")
+    model_kind, component = _model_kind(model)
+    conditional = component == "transformer" or bool(getattr(model.config, "num_class_embeds", None)) \
+        or getattr(model.config, "class_embed_type", None) is not None
+    pipeline_tag = ("text-to-image" if hasattr(model.config, "cross_attention_dim") else
+                    None if conditional else "unconditional-image-generation")
     card_data = ModelCardData(base_model=base_model if _is_repo_id(base_model) else None, library_name="diffusers",
-                              tags=tags, license=license, pipeline_tag="unconditional-image-generation")
+                              tags=tags, license=license, pipeline_tag=pipeline_tag)
     wrap = model.gaq_wrap
     plots = _plots_for(model.gaq_report)
     evaluation = getattr(model, "gaq_evaluation", None) or None
@@ -347,10 +368,13 @@ def build_model_card(model, base_model: str | None = None, license: str | None =
     else:
         scheduler_line = ("scheduler = DDIMScheduler()  # 1000 linear-beta steps; "
                           "use your base model's scheduler config if it differs")
+    quant_class = type(model).__name__ if type(model).__name__.startswith("Quantized") else "QuantizedUNet2DModel"
+    # The DDIM snippet fits unconditional UNet2DModels; other models plug into their own pipeline.
+    ddim_usage = model_kind == "UNet" and not conditional and not hasattr(model.config, "cross_attention_dim")
     card = ModelCard.from_template(
         card_data,
         template_str=_TEMPLATE,
-        title=f"{base_model.rstrip('/').split('/')[-1] if base_model else 'UNet'} quantized to {config.tag.upper()} "
+        title=f"{base_model.rstrip('/').split('/')[-1] if base_model else model_kind} quantized to {config.tag.upper()} "
               f"with diffusers-gaq",
         intro=_intro(config, base_model, act_bits_text),
         gradient_aligned=gradient_aligned,
@@ -370,7 +394,12 @@ def build_model_card(model, base_model: str | None = None, license: str | None =
         baseline_example=base_model or "google/ddpm-cifar10-32",
         sample_weights_png=SAMPLE_WEIGHTS_PNG if plots[SAMPLE_WEIGHTS_PNG] else None,
         conflict_png=CONFLICT_PNG if plots[CONFLICT_PNG] else None,
-        import_line=_quant_class_import(),
+        import_line=_quant_class_import(quant_class),
+        quant_class=quant_class,
+        model_kind=model_kind,
+        component=component,
+        ddim_usage=ddim_usage,
+        base_pipeline=base_model or "path/to/the-base-pipeline",
         repo_id=repo_id or REPO_ID_PLACEHOLDER,
         scheduler_line=scheduler_line,
     )
@@ -411,9 +440,10 @@ def write_model_card(model, folder: str | os.PathLike, *, repo_id: str | None = 
 def _check_checkpoint_folder(folder: Path) -> None:
     from .serialization import CheckpointError
 
-    # A whole saved pipeline (model_index.json, unet/...) is a checkpoint too: its UNet holds the config.
-    qcfg = folder / CONFIG_NAME if (folder / CONFIG_NAME).is_file() or not (folder / "unet").is_dir() \
-        else folder / "unet" / CONFIG_NAME
+    # A whole saved pipeline (model_index.json, unet/ or transformer/...) is a checkpoint too: its
+    # quantized denoiser holds the config.
+    qcfg = next((folder / c / CONFIG_NAME for c in ("unet", "transformer") if (folder / c / CONFIG_NAME).is_file()),
+                folder / CONFIG_NAME)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; pass a diffusers-gaq checkpoint folder "
                               f"(made by save_pretrained, holding {CONFIG_NAME})")

@@ -13,7 +13,8 @@ from .calibration.data import CalibrationData, collect_calibration_data
 from .checkpointing import open_checkpoint
 from .config import GradientAlignedQuantizer
 from .distributed import detect, unit_sync_check
-from .models import family_for
+from .models import denoiser_of
+from .models import supported_pipelines as _supported_pipelines
 from .models.quantized import mark_quantized
 from .models.wrap import set_quant_state, wrap_model
 from .utils import resolve_device
@@ -22,31 +23,34 @@ logger = logging.getLogger(__name__)
 
 
 def supported_pipelines() -> tuple[type, ...]:
-    from diffusers import DDIMPipeline, DDPMPipeline
-
-    return (DDIMPipeline, DDPMPipeline)
+    return tuple(_supported_pipelines())
 
 
-def check_pipeline(pipe) -> None:
-    """Refuse what cannot be quantized before any work starts."""
-    supported = supported_pipelines()
-    if not isinstance(pipe, supported):
-        names = ", ".join(c.__name__ for c in supported)
-        raise TypeError(f"quantize_pipeline got a {type(pipe).__name__}; supported pipelines: {names}")
-    family_for(pipe.unet)
+def check_pipeline(pipe):
+    """Refuse what cannot be quantized before any work starts; returns (family, component name, model)."""
+    return denoiser_of(pipe)
 
 
 def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
                       calibration_data: CalibrationData | None = None, progress: bool = True,
                       record_conflict: bool = False, checkpoint_dir: str | os.PathLike | None = None,
                       resume: bool = False):
-    """Quantize ``pipe.unet`` and return a new pipeline of the same class that samples as usual.
+    """Quantize the pipeline's denoiser and return a new pipeline of the same class that samples as usual.
 
-    The caller's pipeline is left unchanged: its UNet is copied, the copy's Conv2d / Linear layers
-    are swapped for fake-quant wrappers and calibrated on the FP model's own DDIM trajectories
-    (or on ``calibration_data``), unit by unit, with the sample weights ``config.weighting`` asks
-    for. The returned ``pipeline.unet`` is a ``QuantizedUNet2DModel`` (still a ``UNet2DModel``)
-    whose ``gaq_report`` holds per-unit losses, the learned sample weights and timings.
+    Supported (see ``models/``): DDIMPipeline, DDPMPipeline and LDMPipeline (UNet2DModel),
+    ClassConditionalDDIMPipeline (class-conditional UNet2DModel), DiTPipeline
+    (DiTTransformer2DModel / Transformer2DModel, the ``transformer``) and StableDiffusionPipeline
+    (UNet2DConditionModel). Only the denoiser is quantized: text encoders and VAEs stay in full
+    precision and are shared with the returned pipeline.
+
+    The caller's pipeline is left unchanged: its denoiser is copied, the copy's Conv2d / Linear
+    layers are swapped for fake-quant wrappers and calibrated on the FP model's own DDIM
+    trajectories (or on ``calibration_data``), unit by unit, with the sample weights
+    ``config.weighting`` asks for. Conditional models calibrate on trajectories with class labels
+    (``config.class_labels``) or prompts (``config.calibration_prompts``) and the pipeline's
+    classifier-free guidance (``config.guidance_scale``); each sample's conditioning is kept in
+    ``CalibrationData.conditioning``. The returned denoiser is a ``Quantized<Class>`` (still a
+    ``<Class>``) whose ``gaq_report`` holds per-unit losses, the learned sample weights and timings.
 
     ``checkpoint_dir``: save the calibration state there (atomically) once the calibration data is
     collected and after every finished unit; ``resume=True`` continues from it, and the result is
@@ -56,11 +60,10 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
     """
     config = config or GradientAlignedQuantizer()
     config.validate()
-    check_pipeline(pipe)
-    family = family_for(pipe.unet)
+    family, component, fp_model = check_pipeline(pipe)
     device = resolve_device(config.device)
     if calibration_data is not None:
-        calibration_data.check(pipe.unet.config.in_channels, pipe.unet.config.sample_size)
+        calibration_data.check(*_channels_and_size(family, fp_model))
     # A foreign, corrupt or unwanted checkpoint is refused here, before any work.
     checkpoint, resumed = open_checkpoint(checkpoint_dir, resume, pipe, config, calibration_data)
 
@@ -71,33 +74,53 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
         dist.check_config(config)
     progress = progress and (dist is None or dist.is_main)
 
-    unet = copy.deepcopy(pipe.unet).to(device).eval().requires_grad_(False)
+    model = copy.deepcopy(fp_model).to(device).eval().requires_grad_(False)
     t0 = time.perf_counter()
     calibration_data = calibration_data if calibration_data is not None else resumed.data
     if calibration_data is None:
+        # Prompts are encoded / labels checked here, before the (long) trajectory sampling.
+        conditioning = family.calibration_conditioning(pipe, model, config, device)
         shard = {}
         if dist is not None:
-            ids = dist.split_trajectories(config.samples_per_timestep, config.calibration_batch_size)
+            ids = dist.split_trajectories(config.samples_per_timestep)
             shard = {"trajectory_ids": ids, "gather": dist.trajectory_gatherer(ids)}
-        calibration_data = collect_calibration_data(unet, pipe.scheduler.config, family, config, device, progress,
-                                                    **shard)
+        calibration_data = collect_calibration_data(model, pipe.scheduler.config, family, config, device, progress,
+                                                    conditioning=conditioning, **shard)
     data_seconds = resumed.data_seconds if resumed.data is not None else time.perf_counter() - t0
     if checkpoint is not None and resumed.data is None:
         checkpoint.save_data(calibration_data, data_seconds)
 
-    wrap = wrap_model(unet, config, family)
+    wrap = wrap_model(model, config, family)
     logger.info("wrapped %d layers (%d kept FP, %d split inputs, %d attention cores)", len(wrap.layer_bits),
                 len(wrap.kept_fp), len(wrap.split_layers), len(wrap.attention))
-    resumed.restore(unet, family)  # the finished units' state; nothing when starting fresh
-    on_unit_done = unit_sync_check(dist, unet, family)
+    resumed.restore(model, family)  # the finished units' state; nothing when starting fresh
+    on_unit_done = unit_sync_check(dist, model, family)
     if checkpoint is not None:
-        on_unit_done = checkpoint.unit_callback(unet, family, resumed, then=on_unit_done)
-    report = calibrate_model(unet, family, calibration_data, config, progress=progress, record_conflict=record_conflict,
-                             dist=dist, start_unit=resumed.next_unit, scores=resumed.scores, on_unit_done=on_unit_done)
+        on_unit_done = checkpoint.unit_callback(model, family, resumed, then=on_unit_done)
+    report = calibrate_model(model, family, calibration_data, config, progress=progress,
+                             record_conflict=record_conflict, dist=dist, start_unit=resumed.next_unit,
+                             scores=resumed.scores, on_unit_done=on_unit_done)
     resumed.merge_into(report)
     report.data_seconds = data_seconds
-    set_quant_state(unet, weight=True, act=bool(config.act_bits))
-    mark_quantized(unet, config, wrap, report)
+    set_quant_state(model, weight=True, act=bool(config.act_bits))
+    mark_quantized(model, config, wrap, report)
     # Where the FP model came from (a Hub id or a folder): the model card and `evaluate` use it.
-    unet.gaq_base_model = getattr(pipe, "name_or_path", None) or getattr(pipe.unet.config, "_name_or_path", None)
-    return type(pipe)(unet=unet, scheduler=copy.deepcopy(pipe.scheduler))
+    model.gaq_base_model = getattr(pipe, "name_or_path", None) or getattr(fp_model.config, "_name_or_path", None)
+    return rebuild_pipeline(pipe, component, model)
+
+
+def rebuild_pipeline(pipe, component: str, model):
+    """A new pipeline of ``pipe``'s class with ``model`` as ``component``; the scheduler is copied
+    (schedulers hold sampling state), the other components are shared."""
+    components = dict(pipe.components)
+    components[component] = model
+    components["scheduler"] = copy.deepcopy(pipe.scheduler)
+    new = type(pipe)(**components)
+    if getattr(pipe, "labels", None):  # DiTPipeline's label names come from id2label, not a component
+        new.labels = dict(pipe.labels)
+    return new
+
+
+def _channels_and_size(family, model) -> tuple[int, tuple[int, int]]:
+    c, h, w = family.sample_shape(model)
+    return c, (h, w)

@@ -261,7 +261,13 @@ def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device |
     base = getattr(diffusers, base_name, None)
     if base is None:
         raise CheckpointError(f"{folder / CONFIG_NAME}: unknown base class {base_name!r}")
-    model = base.from_config(model_cfg).eval().requires_grad_(False)
+    model = base.from_config(model_cfg)
+    if type(model) is not base:
+        # from_config remaps some legacy classes (Transformer2DModel with ada_norm_zero -> DiTTransformer2DModel);
+        # the checkpoint's layer table is the saved class's, so build exactly that one.
+        init_kwargs, _, _ = base.extract_init_dict(model_cfg)
+        model = base(**init_kwargs)
+    model = model.eval().requires_grad_(False)
     family = family_for(model)
     wrap = wrap_model(model, config, family)
     wrap.kept_fp = list(qcfg.get("kept_fp", wrap.kept_fp))
@@ -295,26 +301,38 @@ def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device |
 
 
 def load_quantized_pipeline(path_or_repo: str | os.PathLike, **kwargs):
-    """Reload a pipeline saved with ``pipeline.save_pretrained`` (the UNet quantized): the same as
-    ``DiffusionPipeline.from_pretrained(path)``, which finds ``diffusers_gaq.QuantizedUNet2DModel``
-    through model_index.json."""
+    """Reload a pipeline saved with ``pipeline.save_pretrained`` (its denoiser quantized): the same
+    as ``DiffusionPipeline.from_pretrained(path)``, which finds ``diffusers_gaq``'s quantized class
+    (``QuantizedUNet2DModel``, ``QuantizedDiTTransformer2DModel``, ...) through model_index.json.
+    A pipeline class diffusers does not ship (``ClassConditionalDDIMPipeline``) is looked up here."""
     from diffusers import DiffusionPipeline
 
     kwargs.setdefault("local_files_only", Path(path_or_repo).is_dir())
-    return DiffusionPipeline.from_pretrained(str(path_or_repo), **kwargs)
+    index = Path(path_or_repo) / "model_index.json"
+    pipeline_class = DiffusionPipeline
+    if index.is_file():
+        from . import pipelines
+
+        # diffusers resolves `_class_name` in its own namespace only.
+        pipeline_class = getattr(pipelines, _read_json(index).get("_class_name", ""), DiffusionPipeline)
+    return pipeline_class.from_pretrained(str(path_or_repo), **kwargs)
 
 
 def save_quantized_pipeline(pipe, save_directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Save a whole pipeline whose UNet is quantized (model_index.json, scheduler/, unet/ in the
-    quantized format, the model card also at the top), atomically: built beside the target, then
-    renamed into place. A non-empty target is refused unless ``overwrite``."""
+    """Save a whole pipeline whose denoiser is quantized (model_index.json, scheduler/, unet/ or
+    transformer/ in the quantized format, the other components as diffusers saves them, the model
+    card also at the top), atomically: built beside the target, then renamed into place. A
+    non-empty target is refused unless ``overwrite``."""
+    from .models import denoiser_of
+
+    _, component, _ = denoiser_of(pipe)
     target = Path(save_directory)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise FileExistsError(f"output folder {target} exists and is not empty; pass overwrite=True "
                               "(CLI: --overwrite) or choose another folder")
     with atomic_directory(target) as tmp:
         pipe.save_pretrained(tmp)
-        for item in (tmp / "unet").iterdir():
+        for item in (tmp / component).iterdir():
             if item.suffix in (".md", ".png"):
                 shutil.copy2(item, tmp / item.name)
     return target

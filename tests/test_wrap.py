@@ -279,11 +279,14 @@ def test_wrapping_twice_raises(ref):
 def test_family_for_unsupported_models():
     with pytest.raises(TypeError, match="UNet2DModel"):
         family_for(nn.Sequential(nn.Conv2d(1, 1, 3)))
-    cfg = dict(REFERENCE_UNET_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4, num_class_embeds=10)
+    # Class labels given as embedding vectors cannot be spread over classes (issue #8 supports
+    # num_class_embeds and class_embed_type="timestep"; see test_families.py).
+    cfg = dict(REFERENCE_UNET_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4, class_embed_type="identity")
     model = UNet2DModel(**cfg)
     with pytest.raises((TypeError, NotImplementedError), match="UNet2DModel"):
         family_for(model)
-    assert family_for(UNet2DModel(**dict(cfg, num_class_embeds=None))) is UNet2DFamily
+    assert family_for(UNet2DModel(**dict(cfg, class_embed_type=None))) is UNet2DFamily
+    assert family_for(UNet2DModel(**dict(cfg, class_embed_type=None, num_class_embeds=10))) is UNet2DFamily
 
 
 def test_quantization_switch_changes_and_restores_output(ref):

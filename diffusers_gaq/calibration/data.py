@@ -1,9 +1,11 @@
 """Calibration data: model inputs x_t taken from the full-precision sampling trajectory.
 
 n trajectories are sampled with deterministic DDIM (eta = 0); at S of the K sampling steps
-(fixed intervals, or PTQ4DM's normal schedule) the UNet input is kept with its timestep. Each
-trajectory's initial noise comes from its own seed, so the set does not depend on batching or
-on how trajectories are split between processes.
+(fixed intervals, or PTQ4DM's normal schedule) the denoiser input is kept with its timestep and
+conditioning (the model family says what that is: nothing, class labels, prompt embeddings; with
+classifier-free guidance both the conditional and the unconditional input). Each trajectory's
+initial noise and conditioning come from its index alone, so the set does not depend on batching
+or on how trajectories are split between processes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import GradientAlignedQuantizer
+from ..models.base import CalibrationConditioning
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,9 @@ def trajectory_seed(seed: int, index: int) -> int:
 
 @dataclass
 class CalibrationData:
-    """N calibration samples (N = S * n); sample i = step_index[i] * n + trajectory."""
+    """N calibration samples (N = S * B * n: S timesteps, B conditioning branches, n trajectories),
+    ordered (step, branch, trajectory). ``conditioning``: the model's conditioning keyword
+    arguments (class labels, prompt embeddings), one row per sample."""
 
     samples: torch.Tensor  # [N, C, H, W] model inputs x_t
     timesteps: torch.Tensor  # [N] model timestep values
@@ -84,6 +89,12 @@ class CalibrationData:
             expected = tuple(sample_size) if isinstance(sample_size, (tuple, list)) else (sample_size, sample_size)
             if tuple(self.samples.shape[2:]) != expected:
                 raise ValueError(f"calibration samples are {tuple(self.samples.shape[2:])}; the model expects {expected}")
+        for name, value in self.conditioning.items():
+            if value.dim() == 0 or len(value) != n:
+                raise ValueError(f"calibration conditioning {name!r} has shape {tuple(value.shape)}; expected one row "
+                                 f"per sample ({n})")
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"calibration conditioning {name!r} holds NaN/Inf; regenerate the calibration data")
         bad = ~torch.isfinite(self.samples).flatten(1).all(1)
         if bad.any():
             raise ValueError(f"calibration data holds NaN/Inf in {int(bad.sum())} of {n} samples "
@@ -125,15 +136,33 @@ def assign_splits(config: GradientAlignedQuantizer, num_steps: int, n: int):
     return step_index, group, is_val.repeat(num_steps)
 
 
+def _repeat_over_branches(t: torch.Tensor, s: int, b: int, n: int) -> torch.Tensor:
+    """A per-(step, trajectory) tensor [S * n] as per-(step, branch, trajectory) [S * B * n]."""
+    return t.reshape(s, 1, n).expand(s, b, n).reshape(-1).contiguous()
+
+
+def _guided(eps: torch.Tensor, num_branches: int, scale: float | None) -> torch.Tensor:
+    """Classifier-free guidance over a batch stacked as [conditional; unconditional]."""
+    if num_branches == 1:
+        return eps
+    cond, uncond = eps.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
 @torch.no_grad()
 def sample_trajectories(unet, scheduler, family, config: GradientAlignedQuantizer, trajectory_ids,
-                        positions: list[int], device: torch.device, progress: bool = True):
-    """Run DDIM (eta = 0) for the given trajectories; return [S, len(ids), C, H, W] inputs and [S] timesteps."""
+                        positions: list[int], device: torch.device, progress: bool = True,
+                        conditioning: CalibrationConditioning | None = None):
+    """Run DDIM (eta = 0) for the given trajectories; return [S, len(ids), C, H, W] inputs and [S] timesteps.
+
+    With two conditioning branches every step calls the model on [x; x] with the conditional and
+    the unconditional conditioning and steps with the guided prediction, as the pipelines do."""
+    conditioning = conditioning or CalibrationConditioning()
+    branches = conditioning.num_branches
     scheduler.set_timesteps(config.num_inference_steps)
     timesteps = scheduler.timesteps
     keep = {p: i for i, p in enumerate(positions)}
-    c, size = unet.config.in_channels, unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    c, h, w = family.sample_shape(unet)
     ids = list(trajectory_ids)
     out = torch.empty(len(positions), len(ids), c, h, w)
     bs = config.calibration_batch_size
@@ -141,13 +170,16 @@ def sample_trajectories(unet, scheduler, family, config: GradientAlignedQuantize
     bar = tqdm(total=len(batches) * len(timesteps), desc="calibration trajectories", disable=not progress, leave=False)
     for start in batches:
         chunk = ids[start : start + bs]
+        per_branch = conditioning.for_trajectories(chunk, device)
+        cond = {k: torch.cat([b[k] for b in per_branch]) for k in per_branch[0]}
         x = torch.stack([torch.randn(c, h, w, generator=torch.Generator().manual_seed(trajectory_seed(config.seed, j)))
                          for j in chunk]).to(device)
         for pos, t in enumerate(timesteps):
             if pos in keep:
                 out[keep[pos], start : start + len(chunk)] = x.cpu()
-            eps = family.forward(unet, x, t.expand(len(chunk)).to(device))
-            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+            model_input = torch.cat([x] * branches)
+            eps = family.forward(unet, model_input, t.expand(len(model_input)).to(device), cond)
+            x = scheduler.step(_guided(eps, branches, conditioning.guidance_scale), t, x, eta=0.0).prev_sample
             bar.update(1)
             if pos >= positions[-1]:
                 bar.update(len(timesteps) - pos - 1)
@@ -158,25 +190,41 @@ def sample_trajectories(unet, scheduler, family, config: GradientAlignedQuantize
 
 def collect_calibration_data(unet, scheduler_config, family, config: GradientAlignedQuantizer,
                              device: torch.device | None = None, progress: bool = True,
-                             trajectory_ids=None, gather=None) -> CalibrationData:
+                             trajectory_ids=None, gather=None,
+                             conditioning: CalibrationConditioning | None = None) -> CalibrationData:
     """Sample the FP model's DDIM trajectories and keep S steps of n trajectories each.
+
+    ``conditioning`` (from ``family.calibration_conditioning``; default: the family's own, which
+    needs no pipeline for unconditional and class-conditional models) gives every trajectory its
+    class label or prompt and, with two branches, classifier-free guidance; then every kept x_t is
+    a calibration sample once per branch (same x_t, conditional and unconditional inputs), and
+    ``data.conditioning`` holds each sample's conditioning. Samples are ordered
+    (step, branch, trajectory); a trajectory held out for validation is held out in every branch.
 
     ``trajectory_ids`` / ``gather`` let several processes each sample a shard and gather the
     result; by default one process samples all n."""
     from diffusers import DDIMScheduler
 
     device = device or next(unet.parameters()).device
+    if conditioning is None:
+        conditioning = family.calibration_conditioning(None, unet, config)
     scheduler = DDIMScheduler.from_config(scheduler_config)
     positions = calibration_step_positions(config)
     n = config.samples_per_timestep
     ids = list(range(n)) if trajectory_ids is None else list(trajectory_ids)
-    logger.info("calibration data: %d trajectories x %d steps (positions %s of %d)", n, len(positions),
-                positions, config.num_inference_steps)
-    xs, ts = sample_trajectories(unet, scheduler, family, config, ids, positions, device, progress)
+    logger.info("calibration data: %d trajectories x %d steps (positions %s of %d), %d conditioning branch(es)", n,
+                len(positions), positions, config.num_inference_steps, conditioning.num_branches)
+    xs, ts = sample_trajectories(unet, scheduler, family, config, ids, positions, device, progress, conditioning)
     if gather is not None:
         xs = gather(xs)  # [S, n, C, H, W] in trajectory order
-    step_index, group, is_val = assign_splits(config, len(positions), n)
-    samples = xs.reshape(len(positions) * n, *xs.shape[2:]).contiguous()
-    data = CalibrationData(samples, ts.long().repeat_interleave(n), step_index, group, is_val)
+    s, b = len(positions), conditioning.num_branches
+    step_index, group, is_val = (_repeat_over_branches(t, s, b, n) for t in assign_splits(config, s, n))
+    samples = xs[:, None].expand(s, b, *xs.shape[1:]).reshape(s * b * n, *xs.shape[2:]).contiguous()
+    per_branch = conditioning.for_trajectories(range(n))
+    cond = {}
+    for name in per_branch[0]:
+        table = torch.stack([branch[name] for branch in per_branch])  # [b, n, ...]
+        cond[name] = table.repeat(s, *([1] * (table.dim() - 1))).reshape(s * b * n, *table.shape[2:]).contiguous()
+    data = CalibrationData(samples, ts.long().repeat_interleave(b * n), step_index, group, is_val, cond)
     data.check()
     return data

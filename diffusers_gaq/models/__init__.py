@@ -1,22 +1,53 @@
-"""Knowledge of diffusers architectures, one module per family behind one interface."""
+"""Knowledge of diffusers architectures, one module per family behind one interface (base.py)."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from .base import CalibrationConditioning, ModelFamily
+from .dit import DiTFamily
 from .unet2d import UNet2DFamily
+from .unet2d_condition import UNet2DConditionFamily
 
-FAMILIES = (UNet2DFamily,)
+FAMILIES: tuple[type[ModelFamily], ...] = (UNet2DFamily, DiTFamily, UNet2DConditionFamily)
 
 
-def family_for(model: nn.Module):
+def supported_models() -> list[str]:
+    return [cls.__name__ for f in FAMILIES for cls in f.model_classes]
+
+
+def family_for(model: nn.Module) -> type[ModelFamily]:
     """The adapter for ``model``, or a clear error naming what is supported."""
     for family in FAMILIES:
         if family.supports(model):
             family.check(model)
             return family
-    supported = ", ".join(cls.__name__ for f in FAMILIES for cls in f.model_classes)
-    raise TypeError(f"cannot quantize a {type(model).__name__}: supported models are {supported}")
+    raise TypeError(f"cannot quantize a {type(model).__name__}: supported models are {', '.join(supported_models())}")
 
 
-__all__ = ["family_for", "FAMILIES"]
+def supported_pipelines() -> list[type]:
+    return [p for f in FAMILIES for p in f.pipeline_classes()]
+
+
+def denoiser_of(pipe) -> tuple[type[ModelFamily], str, nn.Module]:
+    """(family, component name, model) of the denoiser a pipeline quantizes; refuses, naming what
+    is supported, any pipeline that is not one of the families' pipelines or whose model cannot be
+    calibrated or sampled, before any work."""
+    names = ", ".join(p.__name__ for p in supported_pipelines())
+    for family in FAMILIES:
+        if isinstance(pipe, family.pipeline_classes()):
+            model = getattr(pipe, family.component, None)
+            if model is None:
+                raise TypeError(f"{type(pipe).__name__} has no {family.component}; nothing to quantize")
+            found = family_for(model)
+            if found is not family:
+                raise TypeError(f"{type(pipe).__name__}.{family.component} is a {type(model).__name__}; this pipeline "
+                                f"is supported with {', '.join(c.__name__ for c in family.model_classes)}")
+            family.check_pipeline(pipe, model)
+            return family, family.component, model
+    raise TypeError(f"quantize_pipeline got a {type(pipe).__name__}; supported pipelines: {names} "
+                    f"(models: {', '.join(supported_models())})")
+
+
+__all__ = ["CalibrationConditioning", "FAMILIES", "ModelFamily", "denoiser_of", "family_for", "supported_models",
+           "supported_pipelines"]

@@ -1,8 +1,9 @@
 """The quantized model class: the base diffusers class plus the quantization state.
 
-``quantized_class(UNet2DModel)`` is a subclass named ``QuantizedUNet2DModel``; a wrapped model's
-``__class__`` is switched to it, so it stays a ``UNet2DModel`` for pipelines and schedulers
-(``unet(x, t).sample``, ``.config``, ``.dtype``, ``.device``) while ``save_pretrained``,
+``quantized_class(UNet2DModel)`` is a subclass named ``QuantizedUNet2DModel`` (likewise
+``QuantizedUNet2DConditionModel``, ``QuantizedDiTTransformer2DModel``, ``QuantizedTransformer2DModel``);
+a wrapped model's ``__class__`` is switched to it, so it stays a ``UNet2DModel`` for pipelines and
+schedulers (``unet(x, t).sample``, ``.config``, ``.dtype``, ``.device``) while ``save_pretrained``,
 ``from_pretrained`` and ``push_to_hub`` speak the quantized format (serialization.py).
 """
 
@@ -62,9 +63,10 @@ def _eager_classes():
     # model_index.json records ["diffusers_gaq.models.quantized", "QuantizedUNet2DModel"]; the loader
     # then picks the load method by checking the class against the base classes it finds *in this
     # module* (getattr(module, "ModelMixin")), hence the ModelMixin import at the top.
-    from diffusers import UNet2DModel
+    from . import FAMILIES
 
-    return {"QuantizedUNet2DModel": quantized_class(UNet2DModel)}
+    classes = [quantized_class(base) for family in FAMILIES for base in family.model_classes]
+    return {cls.__name__: cls for cls in classes}
 
 
 globals().update(_eager_classes())

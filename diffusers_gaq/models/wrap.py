@@ -114,8 +114,9 @@ def reconstruction_units(model: nn.Module, family) -> list[tuple[str, nn.Module]
     try:
         was_training = model.training
         model.eval()
-        x, t = family.example_input(model)
-        family.forward(model, x.to(next(model.parameters()).device), t.to(next(model.parameters()).device))
+        device = next(model.parameters()).device
+        x, t, cond = family.example_input(model)
+        family.forward(model, x.to(device), t.to(device), {k: v.to(device) for k, v in cond.items()})
         model.train(was_training)
     finally:
         for h in hooks:
