@@ -82,7 +82,7 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
         conditioning = family.calibration_conditioning(pipe, model, config, device)
         shard = {}
         if dist is not None:
-            ids = dist.split_trajectories(config.samples_per_timestep)
+            ids = dist.split_trajectories(config.samples_per_timestep, config.calibration_batch_size)
             shard = {"trajectory_ids": ids, "gather": dist.trajectory_gatherer(ids)}
         calibration_data = collect_calibration_data(model, pipe.scheduler.config, family, config, device, progress,
                                                     conditioning=conditioning, **shard)
