@@ -374,3 +374,15 @@ def test_quantized_classes_are_found_by_the_pipeline_loader():
                  "QuantizedTransformer2DModel"):
         cls = getattr(q, name)
         assert issubclass(cls, QuantizedModelMixin) and cls.__module__ == q.__name__
+
+
+def test_cli_flags_reach_the_config():
+    from diffusers_gaq.cli import build_config, build_parser
+
+    args = build_parser().parse_args(["quantize", "reference", "--output", "unused", "--class-labels", "3", "7",
+                                      "--prompt", "a red fox", "--prompt", "a lighthouse", "--guidance-scale", "2"])
+    config = build_config(args)
+    assert config.class_labels == (3, 7) and config.calibration_prompts == ("a red fox", "a lighthouse")
+    assert config.guidance_scale == 2.0
+    default = build_config(build_parser().parse_args(["quantize", "reference", "--output", "unused"]))
+    assert default.class_labels == () and default.calibration_prompts == () and default.guidance_scale is None
