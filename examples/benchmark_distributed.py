@@ -164,17 +164,18 @@ def main(argv=None) -> int:
                 import torch
 
                 rows[-1]["codes"] = torch.load(str(result) + ".codes.pt")
+            logger.info("  %s", {k: v for k, v in rows[-1].items() if k != "codes"})  # kept if a later run fails
     logger.info("\nbudget %s, %s pipeline, OMP_WAIT_POLICY %s, grad_shards %s", args.budget, args.pipeline,
                 args.omp_wait_policy or "unset", args.grad_shards)
     header = (f"{'setup':26s} {'data s':>8s} {'recon s':>8s} {'meta s':>8s} {'calib s':>8s} {'wall s':>8s} "
               f"{'speed-up':>9s} {'recon x':>8s} {'codes differ':>13s}")
-    logger.info("(speed-ups against the first row; differing codes against %s)", same_threads["setup"])
-    logger.info(header)
-    logger.info("-" * len(header))
     base = rows[0]
     # Codes are compared with the single process that uses one thread, like each launched process.
     same_threads = next((r for r in rows if r["setup"] == "1 process x 1 thread"), base)
     base_codes = same_threads.get("codes")
+    logger.info("(speed-ups against the first row; differing codes against %s)", same_threads["setup"])
+    logger.info(header)
+    logger.info("-" * len(header))
     for r in rows:
         if r.get("timed_out"):
             logger.info(f"{r['setup']:26s} {'timed out after':>17s} {r['wall_seconds']:8.1f}")
