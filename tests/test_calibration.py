@@ -312,6 +312,9 @@ def test_per_sample_loss_shapes_and_values():
     assert torch.allclose(per_sample_loss(out[:, :, 0, 0], tgt[:, :, 0, 0]), (out - tgt)[:, :, 0, 0].pow(2).sum(1))
     assert per_sample_loss(out[:, 0, 0, :2], tgt[:, 0, 0, :2]).shape == (5,)
     assert per_sample_loss(out, out).abs().max() == 0
+    # Transformer layout [B, tokens, C]: channels summed, tokens averaged (not the other way round).
+    tok, tok_t = out.flatten(2).transpose(1, 2), tgt.flatten(2).transpose(1, 2)  # [5, 16, 3]
+    assert torch.allclose(per_sample_loss(tok, tok_t), loss)
 
 
 # ---------------------------------------------------------------------------------------------

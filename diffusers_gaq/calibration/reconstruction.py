@@ -24,11 +24,19 @@ logger = logging.getLogger(__name__)
 
 
 def per_sample_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over channels, averaged over the rest: one value per sample (BRECQ's scale)."""
+    """Squared error summed over channels, averaged over positions: one value per sample (BRECQ's scale).
+
+    Layouts: [B], [B, C], [B, C, H, W] (convolutional units), [B, tokens, C] (transformer blocks:
+    channels last, so that a transformer unit's loss has the same scale against the rounding
+    regulariser as a convolutional one)."""
     err = (output - target).pow(2)
     if err.dim() == 1:
         return err
-    return err.sum(1).flatten(1).mean(1) if err.dim() > 2 else err.sum(1)
+    if err.dim() == 2:
+        return err.sum(1)
+    if err.dim() == 3:
+        return err.sum(2).mean(1)
+    return err.sum(1).flatten(1).mean(1)
 
 
 class UnitProblem:
