@@ -54,6 +54,10 @@ VARIANTS = {
     "groups1": {"num_groups": 1},
     "meta2": {"meta_iters": 2}, "meta32": {"meta_iters": 32},
     "meta32_lr0.5": {"meta_iters": 32, "meta_lr": 0.5},
+    # The virtual step theta' = theta - inner_lr * grad: with AdaRound's small gradients a step of
+    # 1e-2 barely moves theta, so L^V(theta') hardly depends on the weights. Larger steps:
+    "inner1": {"inner_lr": 1.0}, "inner100": {"inner_lr": 100.0},
+    "meta32_inner100": {"meta_iters": 32, "inner_lr": 100.0},
 }
 
 
