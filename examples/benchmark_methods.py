@@ -219,6 +219,17 @@ def report(args) -> None:
             text += ("\n| bits | seeds | uniform excess FID | gradient-aligned excess FID | excess ratio (target <= 0.6) | "
                      "calibration time ratio across runs | within gradient-aligned runs (target <= 1.3) |\n"
                      "|---|---|---|---|---|---|---|\n" + "\n".join(extra) + "\n")
+    # Per seed: the seed-to-seed spread is the noise floor every comparison has to clear.
+    seeds = sorted({r["seed"] for r in rows if r["method"] != "fp"})
+    per_seed = [f"| bits | method | {' | '.join(f'seed {s}' for s in seeds)} |", "|---|---|" + "---|" * len(seeds)]
+    for (method, bits), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
+        if method == "fp" or len(rs) < 2:
+            continue
+        by_seed = {r["seed"]: r for r in rs}
+        cells = [f"{by_seed[s]['fid_ref']:.2f} / {by_seed[s]['psnr_db']:.2f} dB" if s in by_seed else "-" for s in seeds]
+        per_seed.append(f"| {bits} | {method} | {' | '.join(cells)} |")
+    if len(per_seed) > 2:
+        text += "\nFID-ref / PSNR vs FP per seed:\n\n" + "\n".join(per_seed) + "\n"
     print(text)
     if args.plot and plot_rows:
         from diffusers_gaq.plots import plot_fidelity_bars
