@@ -214,12 +214,10 @@ def cmd_push(args) -> int:
 
 def cmd_info(args) -> int:
     from .config import CONFIG_NAME
-    from .serialization import WEIGHTS_NAME, CheckpointError
+    from .serialization import WEIGHTS_NAME, CheckpointError, quantized_model_dir
 
     directory = Path(args.directory)
-    # A whole pipeline keeps the quantized denoiser in unet/ or transformer/.
-    unet_dir = next((directory / c for c in ("unet", "transformer") if (directory / c / CONFIG_NAME).is_file()),
-                    directory)
+    unet_dir = quantized_model_dir(directory)  # a whole pipeline keeps it in unet/ or transformer/
     qfile = unet_dir / CONFIG_NAME
     if not qfile.is_file():
         raise CheckpointError(f"{qfile} is missing: {directory} is not a diffusers-gaq checkpoint")

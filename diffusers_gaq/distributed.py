@@ -126,6 +126,29 @@ def check_launch(num_processes: int, env_world_size: int, accelerate_requested: 
             f"`accelerate launch` was asked for {accelerate_requested} processes but started a single one; {LAUNCH_FIX}")
 
 
+def pack_grads(grads, params, dtype=None, device=None) -> torch.Tensor:
+    """One flat vector: every gradient flattened (zeros where it is None), then one presence flag per
+    parameter. Summing such vectors from several sources and :func:`unpack_grads` gives each
+    parameter the summed gradient, or None where no source had one."""
+    dtype = dtype or next((g.dtype for g in grads if g is not None), params[0].dtype)
+    parts = [(g if g is not None else torch.zeros_like(p)).detach().reshape(-1).to(device, dtype)
+             for g, p in zip(grads, params)]
+    present = torch.tensor([float(g is not None) for g in grads], dtype=dtype, device=parts[0].device)
+    return torch.cat(parts + [present])
+
+
+def unpack_grads(params, flat: torch.Tensor) -> None:
+    """Set ``p.grad`` from a (summed) :func:`pack_grads` vector; None where no source had a gradient,
+    as in a single process (Adam then skips the parameter instead of counting a zero step)."""
+    offset = sum(p.numel() for p in params)
+    flags = flat[offset:].tolist()
+    offset = 0
+    for p, flag in zip(params, flags):
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).to(p.device).clone() if flag else None
+        offset += n
+
+
 class Dist:
     """This process's place among several, and the collectives calibration needs.
 
@@ -191,27 +214,13 @@ class Dist:
         """Replace every ``p.grad`` by its sum over processes, in one all-reduce.
 
         A process with an empty (or partial) share may have ``grad is None`` where another has a
-        gradient: it contributes zeros, so no process skips the collective. A presence flag per
-        parameter is reduced alongside, and a gradient that is None on every process stays None,
-        as in a single process (Adam skips such a parameter instead of counting a zero step)."""
+        gradient: it contributes zeros, so no process skips the collective; a gradient that is None
+        on every process stays None (see :func:`pack_grads`)."""
         if not params:
             return
-        dtype = next((p.grad.dtype for p in params if p.grad is not None), params[0].dtype)
-        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).to(
-            self.comm_device, dtype) for p in params]
-        present = torch.tensor([float(p.grad is not None) for p in params], dtype=dtype, device=self.comm_device)
-        flat = torch.cat(parts + [present])
+        flat = pack_grads([p.grad for p in params], params, device=self.comm_device)
         torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        offset = 0
-        for p in params:
-            n = p.numel()
-            if p.grad is None:
-                p.grad = torch.empty_like(p)
-            p.grad.copy_(flat[offset : offset + n].view_as(p))
-            offset += n
-        for p, flag in zip(params, flat[offset:].tolist()):
-            if flag == 0:
-                p.grad = None
+        unpack_grads(params, flat)
 
     def sum_scalar(self, t: torch.Tensor) -> torch.Tensor:
         """The sum over processes of a (detached) scalar tensor."""
@@ -251,18 +260,22 @@ class Dist:
         """``gather(xs)`` for :func:`collect_calibration_data`, bound to this process's ids."""
         return functools.partial(self.gather_trajectories, ids=ids)
 
+    def owned_rows(self, total: int) -> range:
+        """The rows of a [total, ...] matrix this process computes: i, i + W, ... from its rank."""
+        return range(self.rank, total, self.world_size)
+
     @torch.no_grad()
-    def gather_rows(self, rows: torch.Tensor, row_ids: list[int], total: int) -> torch.Tensor:
-        """``rows`` [k, D] are rows ``row_ids`` of a [total, D] matrix, every row computed by exactly one
-        process (row i by process i mod world_size); return the whole matrix on every process, in row order."""
+    def gather_rows(self, rows: torch.Tensor, total: int) -> torch.Tensor:
+        """``rows`` [k, D] are this process's :meth:`owned_rows` of a [total, D] matrix; return the whole
+        matrix on every process, in row order."""
         width = -(-total // self.world_size)  # the most rows any process holds
         pad = torch.zeros(width, rows.shape[1], dtype=rows.dtype, device=self.comm_device)
-        pad[: len(row_ids)] = rows.to(self.comm_device)
+        pad[: len(rows)] = rows.to(self.comm_device)
         shares = [torch.empty_like(pad) for _ in range(self.world_size)]
         torch.distributed.all_gather(shares, pad)
         full = torch.empty(total, rows.shape[1], dtype=rows.dtype, device=self.comm_device)
         for r, share in enumerate(shares):
-            ids = list(range(r, total, self.world_size))
+            ids = list(range(r, total, self.world_size))  # process r's owned_rows
             full[ids] = share[: len(ids)]
         return full.to(rows.device)
 
@@ -366,5 +379,6 @@ def wait_for_everyone() -> None:
         dist.wait_for_everyone()
 
 
-__all__ = ["Dist", "LAUNCH_FIX", "check_launch", "detect", "is_main_process", "launched_world_size",
+__all__ = ["Dist", "LAUNCH_FIX", "check_launch", "detect", "is_main_process", "launched_world_size", "pack_grads",
+           "unpack_grads",
            "requested_by_accelerate_launcher", "unit_sync_check", "wait_for_everyone"]

@@ -438,12 +438,11 @@ def write_model_card(model, folder: str | os.PathLike, *, repo_id: str | None = 
 
 # ---- uploads ----------------------------------------------------------------------------------
 def _check_checkpoint_folder(folder: Path) -> None:
-    from .serialization import CheckpointError
+    from .serialization import CheckpointError, quantized_model_dir
 
     # A whole saved pipeline (model_index.json, unet/ or transformer/...) is a checkpoint too: its
     # quantized denoiser holds the config.
-    qcfg = next((folder / c / CONFIG_NAME for c in ("unet", "transformer") if (folder / c / CONFIG_NAME).is_file()),
-                folder / CONFIG_NAME)
+    qcfg = quantized_model_dir(folder) / CONFIG_NAME
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; pass a diffusers-gaq checkpoint folder "
                               f"(made by save_pretrained, holding {CONFIG_NAME})")

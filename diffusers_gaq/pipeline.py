@@ -7,7 +7,6 @@ import logging
 import os
 import time
 
-
 from .calibration.calibrate import calibrate_model
 from .calibration.data import CalibrationData, collect_calibration_data
 from .checkpointing import open_checkpoint

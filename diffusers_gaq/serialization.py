@@ -220,6 +220,17 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated") from None
 
 
+def quantized_model_dir(folder: Path) -> Path:
+    """The folder holding the quantized model's config: ``folder`` itself for a saved model, its
+    denoiser's subfolder (``unet/``, ``transformer/``) for a saved pipeline."""
+    from .models import FAMILIES
+
+    for component in dict.fromkeys(f.component for f in FAMILIES):
+        if (folder / component / CONFIG_NAME).is_file():
+            return folder / component
+    return folder
+
+
 def resolve_checkpoint(path_or_repo: str | os.PathLike, **hub_kwargs) -> Path:
     """A local folder as is; otherwise a Hub repo id, downloaded with huggingface_hub."""
     path = Path(path_or_repo)

@@ -101,9 +101,10 @@ def check_primitives(dist) -> None:
     assert torch.equal(dist.broadcast_tensor(torch.tensor([0.1, -3.7, float(r)])), torch.tensor([0.1, -3.7, 0.0]))
     # Rows gathered in row order whoever computed them (row i by process i mod w), uneven counts included.
     for total in (1, 3, 4):
-        ids = list(range(r, total, w))
+        ids = list(dist.owned_rows(total))
+        assert ids == list(range(r, total, w)), ids
         rows = torch.tensor([[float(i), float(10 * i)] for i in ids]).reshape(len(ids), 2)
-        full = dist.gather_rows(rows, ids, total)
+        full = dist.gather_rows(rows, total)
         assert torch.equal(full[:, 0], torch.arange(total, dtype=torch.float32)), full
     assert dist.broadcast_object({"rank": r} if r == 0 else None) == {"rank": 0}
     dist.assert_same({"x": torch.ones(3)}, "primitives")

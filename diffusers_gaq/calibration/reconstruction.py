@@ -16,6 +16,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ..config import GradientAlignedQuantizer
+from ..distributed import pack_grads, unpack_grads
 from ..models.wrap import set_observing, set_quant_state
 from ..quant.layers import QuantAttentionCore, QuantLayer
 from .capture import UnitInputs
@@ -130,10 +131,8 @@ def sharded_backward(problem: UnitProblem, pick: torch.Tensor, train_idx: torch.
     samples, same batch size), so the result is bit-identical for any number of processes <= K at
     the same thread count."""
     pieces = torch.tensor_split(pick, num_shards)
-    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    mine = list(range(rank, num_shards, world))
-    sizes = [p.numel() for p in params]
-    width = sum(sizes) + len(params) + 1  # gradients, a presence flag per parameter, the loss
+    mine = dist.owned_rows(num_shards) if dist is not None else range(num_shards)
+    width = sum(p.numel() for p in params) + len(params) + 1  # pack_grads' layout, then the loss
     rows = torch.zeros(len(mine), width, device=problem.device)
     for row, k in enumerate(mine):
         piece = pieces[k]
@@ -141,16 +140,11 @@ def sharded_backward(problem: UnitProblem, pick: torch.Tensor, train_idx: torch.
             continue
         loss = (omega[piece] * problem.losses(train_idx[piece])).sum() / len(pick)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        rows[row, : sum(sizes)] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                             for g, p in zip(grads, params)])
-        rows[row, sum(sizes) : -1] = torch.tensor([float(g is not None) for g in grads])
+        rows[row, :-1] = pack_grads(grads, params, dtype=rows.dtype, device=rows.device)
         rows[row, -1] = loss.detach()
-    full = dist.gather_rows(rows, mine, num_shards) if dist is not None else rows  # [K, width], shard order
+    full = dist.gather_rows(rows, num_shards) if dist is not None else rows  # [K, width], shard order
     total = full.sum(0)
-    offset = 0
-    for p, n, present in zip(params, sizes, total[sum(sizes) : -1].tolist()):
-        p.grad = total[offset : offset + n].view_as(p).clone() if present else None
-        offset += n
+    unpack_grads(params, total[:-1])
     return total[-1]
 
 
