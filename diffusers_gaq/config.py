@@ -18,6 +18,7 @@ _CHOICES = {
     "timestep_schedule": ("uniform", "normal"),
     "method": ("reconstruction", "minmax"),
     "weighting": ("gradient_aligned", "uniform"),
+    "act_range_init": ("ema", "ema_shuffled", "minmax", "percentile", "mse"),
 }
 
 
@@ -30,8 +31,14 @@ class GradientAlignedQuantizer:
     Weights
         weight_granularity "per_channel" | "per_tensor"; weight_symmetric; weight_init "mse" | "minmax".
     Activations
-        act_symmetric; act_ema_momentum (EMA of min/max over the calibration set);
+        act_symmetric; act_range_init: how the initial range is observed over the calibration
+        inputs: "ema" (EMA of per-batch min/max with act_ema_momentum, batches in timestep order),
+        "ema_shuffled" (the same over shuffled batches), "minmax", "percentile" (0.01 / 99.99 %),
+        "mse" (clipping range searched for the least squared quantization error);
         learn_act_scale (LSQ step sizes during reconstruction).
+        timestep_aware_acts: fnmatch patterns of layers (or attention modules) whose input
+        activation quantizers hold one step size per timestep group (TFMQ-DM); act_timestep_groups:
+        how many groups of consecutive calibration timesteps (None: one per calibration timestep).
     Model
         split_shortcut (separate quantizers for the two halves of skip concatenations);
         quantize_attention (q, k, v and softmax probabilities); keep_fp (fnmatch patterns of
@@ -64,7 +71,10 @@ class GradientAlignedQuantizer:
     weight_init: str = "mse"
     act_symmetric: bool = False
     act_ema_momentum: float = 0.95
+    act_range_init: str = "ema"
     learn_act_scale: bool = True
+    timestep_aware_acts: tuple[str, ...] = ()
+    act_timestep_groups: int | None = None
     split_shortcut: bool = True
     quantize_attention: bool = True
     keep_fp: tuple[str, ...] = ()
@@ -116,6 +126,10 @@ class GradientAlignedQuantizer:
         if not isinstance(self.keep_fp, (list, tuple)):
             self._fail("keep_fp", "a list of module-name patterns (strings)")
         self.keep_fp = tuple(self.keep_fp)
+        if isinstance(self.timestep_aware_acts, str):
+            self.timestep_aware_acts = (self.timestep_aware_acts,)
+        if isinstance(self.timestep_aware_acts, list):
+            self.timestep_aware_acts = tuple(self.timestep_aware_acts)
         self._normalise_family_fields()
         self.validate()
 
@@ -153,6 +167,11 @@ class GradientAlignedQuantizer:
         if not all(isinstance(p, str) and p for p in self.keep_fp):
             self._fail("keep_fp", "a list of non-empty module-name patterns")
         self._float("act_ema_momentum", 0.0, 1.0, hi_open=True)
+        if not isinstance(self.timestep_aware_acts, tuple) or not all(isinstance(p, str) and p
+                                                                      for p in self.timestep_aware_acts):
+            self._fail("timestep_aware_acts", "a list of non-empty module-name patterns")
+        self._int("act_timestep_groups", 1, self.num_calibration_timesteps
+                  if isinstance(self.num_calibration_timesteps, int) else None, none_ok=True)
         self._int("num_inference_steps", 2, 10_000)
         self._int("num_calibration_timesteps", 1, self.num_inference_steps)
         self._int("samples_per_timestep", 1)
@@ -219,6 +238,11 @@ class GradientAlignedQuantizer:
         return max(1, round(self.val_fraction * self.samples_per_timestep))
 
     @property
+    def num_act_timestep_groups(self) -> int:
+        """Step sizes per timestep-aware activation quantizer."""
+        return self.act_timestep_groups or self.num_calibration_timesteps
+
+    @property
     def tag(self) -> str:
         return f"w{self.weight_bits}a{self.act_bits if self.act_bits else 32}"
 
@@ -226,6 +250,7 @@ class GradientAlignedQuantizer:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["keep_fp"] = list(self.keep_fp)
+        d["timestep_aware_acts"] = list(self.timestep_aware_acts)
         d["quant_method"] = "gaq"
         return d
 

@@ -361,6 +361,10 @@ _R_ASYM_ACT = (
     "clamp(round(x/s), -128, 127) with no zero point (quantize with act_symmetric=True)"
 )
 _R_ACT_BITS = "activations other than 8-bit: quanto quantizes activations to qint8 only"
+_R_TIMESTEP_AWARE = (
+    "timestep-aware activation quantizers (one step size per timestep group): quanto's activation scale is one "
+    "static value per module"
+)
 _R_OBSERVING = "activation quantizer is still observing (calibration did not finish)"
 _R_ATTENTION = (
     "quantized attention matmuls (quantize_attention=True): q, k, v and the softmax probabilities are quantized "
@@ -411,6 +415,8 @@ def _layer_plan(layer, activations: bool) -> tuple[dict | None, str | None]:
         aq = layer.act_quantizer
         if aq.observing:
             return None, _R_OBSERVING
+        if aq.timestep_aware:
+            return None, _R_TIMESTEP_AWARE
         if layer.split_quantizer is not None:
             return None, _R_SPLIT
         if aq.bits != _ACT_BITS:
@@ -430,7 +436,7 @@ def _format_problems(problems: dict[str, list[str]], activations: bool) -> str:
     for reason, names in problems.items():
         shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
         lines.append(f"  - {reason}: {shown}")
-    if activations and set(problems) <= {_R_SPLIT, _R_ASYM_ACT, _R_ACT_BITS, _R_ATTENTION}:
+    if activations and set(problems) <= {_R_SPLIT, _R_ASYM_ACT, _R_ACT_BITS, _R_ATTENTION, _R_TIMESTEP_AWARE}:
         lines.append(
             "Every problem is in the activation quantization: export_to_quanto(model, activations=False) exports the "
             "weights exactly and drops activation quantization (outputs then differ from this fake-quant model)."

@@ -91,8 +91,9 @@ def quantized_state_dict(model) -> dict[str, torch.Tensor]:
         for key in _ACT_BUFFERS:
             state.pop(f"{name}.{key}")
     if acts:
-        state[ACT_SCALES_KEY] = torch.stack([q.scale.detach().float() for _, q in acts])
-        state[ACT_ZEROS_KEY] = torch.stack([q.zero_point.detach().float() for _, q in acts])
+        # One value per quantizer, or one per timestep group for timestep-aware ones, concatenated.
+        state[ACT_SCALES_KEY] = torch.cat([q.scale.detach().float().flatten() for _, q in acts])
+        state[ACT_ZEROS_KEY] = torch.cat([q.zero_point.detach().float().flatten() for _, q in acts])
     for key, value in state.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise FloatingPointError(f"refusing to save: tensor {key} holds NaN/Inf")
@@ -143,16 +144,20 @@ def _restore_quantizers(model, state: dict, table: dict, per_channel: bool, weig
                               f"{at_code} and {at_scale}; the bit widths in {CONFIG_NAME} disagree with the tensors")
     acts = _act_quantizers(model)
     if acts:
-        if ACT_SCALES_KEY not in state or len(state[ACT_SCALES_KEY]) != len(acts):
-            raise CheckpointError(f"{weights_path}: expected {len(acts)} activation step sizes in {ACT_SCALES_KEY}, "
-                                  f"found {len(state.get(ACT_SCALES_KEY, []))}")
+        need = sum(q.scale.numel() for _, q in acts)
+        if ACT_SCALES_KEY not in state or len(state[ACT_SCALES_KEY]) != need:
+            raise CheckpointError(f"{weights_path}: expected {need} activation step sizes in {ACT_SCALES_KEY} "
+                                  f"({len(acts)} quantizers), found {len(state.get(ACT_SCALES_KEY, []))}")
         act_scales, act_zeros = state.pop(ACT_SCALES_KEY), state.pop(ACT_ZEROS_KEY)
-        for i, (name, q) in enumerate(acts):
-            state[f"{name}.scale"] = act_scales[i]
-            state[f"{name}.zero_point"] = act_zeros[i]
+        at = 0
+        for name, q in acts:
+            k, shape = q.scale.numel(), q.scale.shape
+            state[f"{name}.scale"] = act_scales[at : at + k].reshape(shape)
+            state[f"{name}.zero_point"] = act_zeros[at : at + k].reshape(shape)
             state[f"{name}.initialized"] = torch.tensor(True)
-            state[f"{name}.running_min"] = torch.tensor(float("inf"))
-            state[f"{name}.running_max"] = torch.tensor(float("-inf"))
+            state[f"{name}.running_min"] = torch.full(shape, float("inf"))
+            state[f"{name}.running_max"] = torch.full(shape, float("-inf"))
+            at += k
 
 
 def layer_table(model) -> dict[str, dict]:
@@ -196,6 +201,9 @@ def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool 
             "kept_fp": list(wrap.kept_fp) if wrap else [],
             "attention": list(wrap.attention) if wrap else [],
         }
+        groups = getattr(model, "gaq_timestep_groups", None)
+        if groups is not None:
+            qcfg["timestep_groups"] = groups.to_dict()
         atomic_write_text(tmp / CONFIG_NAME, json.dumps(qcfg, indent=2, sort_keys=True) + "\n")
         atomic_save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "gaq_format_version": str(FORMAT_VERSION)})
         if model.gaq_report is not None:
@@ -254,7 +262,9 @@ def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device |
 
     from .models import family_for
     from .models.quantized import mark_quantized
+    from .models.timestep_groups import TimestepGroups, install_timestep_groups
     from .models.wrap import set_quant_state, wrap_model
+    from .quant.quantizers import has_timestep_aware
 
     folder = resolve_checkpoint(path_or_repo, **hub_kwargs)
     qcfg = _read_json(folder / CONFIG_NAME)
@@ -303,6 +313,11 @@ def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device |
         from .calibration.report_io import report_from_files
 
         report = report_from_files(folder / REPORT_TENSORS, folder / REPORT_JSON)
+    if has_timestep_aware(model):
+        if "timestep_groups" not in qcfg:
+            raise CheckpointError(f"{folder / CONFIG_NAME}: the model has timestep-aware activation quantizers but "
+                                  "no 'timestep_groups' entry; the file is incomplete")
+        install_timestep_groups(model, TimestepGroups.from_dict(qcfg["timestep_groups"]))
     set_quant_state(model, weight=True, act=bool(config.act_bits))
     mark_quantized(model, config, wrap, report)
     model.gaq_base_model = qcfg.get("base_model")

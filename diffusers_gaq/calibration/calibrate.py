@@ -17,7 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import GradientAlignedQuantizer
+from ..models.timestep_groups import groups_from_data, install_timestep_groups, sample_groups_of
 from ..models.wrap import reconstruction_units, set_quant_state
+from ..quant.quantizers import has_timestep_aware
 from .capture import capture_all_outputs, capture_unit
 from .data import CalibrationData
 from .diagnostics import cosine_matrix, group_gradients, mean_per_step
@@ -106,6 +108,12 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
     bs = max(config.recon_batch_size, config.calibration_batch_size)
     gradient_aligned = config.method == "reconstruction" and config.weighting == "gradient_aligned"
     start = time.perf_counter()
+    # Timestep-aware activation quantizers: the model's forward (captures) picks each sample's group
+    # from its timestep; units called alone get the groups of their samples.
+    sample_groups = None
+    if has_timestep_aware(model):
+        install_timestep_groups(model, groups_from_data(data, config.num_act_timestep_groups))
+        sample_groups = sample_groups_of(data, config.num_act_timestep_groups)
     set_quant_state(model, weight=False, act=False)
     cached_targets = capture_all_outputs(model, units[start_unit:], data, family, bs, device)
     all_idx = torch.arange(len(data))
@@ -132,7 +140,7 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
         for _, done in units[:b]:
             set_quant_state(done, weight=True, act=bool(config.act_bits))
         inputs = capture_unit(model, unit, data, family, bs, "inputs", device=device)
-        problem = UnitProblem(name, unit, inputs, targets, device)
+        problem = UnitProblem(name, unit, inputs, targets, device, sample_groups=sample_groups)
         init_quantizers(problem, train_idx, config)
         act_steps = [q.scale.detach().clone() for q in problem.act_quantizers()]  # kept for a fallback
         rep.loss_init, rep.val_loss_init, rep.step_loss_init = evaluate(problem)

@@ -19,6 +19,7 @@ from ..config import GradientAlignedQuantizer
 from ..distributed import pack_grads, unpack_grads
 from ..models.wrap import set_observing, set_quant_state
 from ..quant.layers import QuantAttentionCore, QuantLayer
+from ..quant.quantizers import has_timestep_aware, set_group_index
 from .capture import UnitInputs
 
 logger = logging.getLogger(__name__)
@@ -43,12 +44,20 @@ def per_sample_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class UnitProblem:
     """A unit with its captured quantized-model inputs and FP targets."""
 
-    def __init__(self, name: str, unit: nn.Module, inputs: UnitInputs, targets: torch.Tensor, device: torch.device):
+    def __init__(self, name: str, unit: nn.Module, inputs: UnitInputs, targets: torch.Tensor, device: torch.device,
+                 sample_groups: torch.Tensor | None = None):
+        """``sample_groups``: the timestep group of every calibration sample, for timestep-aware
+        activation quantizers (the unit is called directly, not through the model's timestep hook)."""
         self.name, self.unit, self.inputs, self.targets, self.device = name, unit, inputs, targets, device
         self.layers = [m for m in unit.modules() if isinstance(m, QuantLayer)]
         self.cores = [m for m in unit.modules() if isinstance(m, QuantAttentionCore)]
+        self.sample_groups = sample_groups if has_timestep_aware(unit) else None
+        if has_timestep_aware(unit) and sample_groups is None:
+            raise ValueError(f"unit {name} has timestep-aware activation quantizers: pass sample_groups")
 
     def losses(self, idx: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if self.sample_groups is not None:
+            set_group_index(self.unit, self.sample_groups[idx].to(self.device))
         args, kwargs = self.inputs.select(idx, self.device)
         if params is None:
             out = self.unit(*args, **kwargs)
@@ -85,12 +94,17 @@ class UnitProblem:
 
 @torch.no_grad()
 def init_quantizers(problem: UnitProblem, idx: torch.Tensor, config: GradientAlignedQuantizer) -> None:
-    """Weight scales from the weights; activation ranges observed over the calibration inputs."""
+    """Weight scales from the weights; activation ranges observed over the calibration inputs.
+
+    ``idx`` is in timestep order; an EMA over batches in that order weights the first timesteps
+    least and the last most, so ``act_range_init="ema_shuffled"`` observes them shuffled (seeded)."""
     for layer in problem.layers:
         if layer.weight_quantizer is not None:
             layer.weight_quantizer.calibrate(layer.layer.weight)
     set_quant_state(problem.unit, weight=True, act=bool(config.act_bits))
     if config.act_bits:
+        if config.act_range_init == "ema_shuffled":
+            idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(config.seed))]
         set_observing(problem.unit, True)
         for i in range(0, len(idx), config.recon_batch_size):
             problem.losses(idx[i : i + config.recon_batch_size])
@@ -166,7 +180,7 @@ def reconstruct(problem: UnitProblem, train_idx: torch.Tensor, omega: torch.Tens
     # small steps through zero).
     for p in groups["steps"]:
         p.requires_grad_(True)
-        param_groups.append({"params": [p], "lr": config.act_lr * max(float(p.detach().abs()), 1e-8)})
+        param_groups.append({"params": [p], "lr": config.act_lr * max(float(p.detach().abs().mean()), 1e-8)})
     params = [p for g in param_groups for p in g["params"]]
     if not params or config.recon_iters == 0:
         return []

@@ -29,6 +29,17 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def act_range_method(config: GradientAlignedQuantizer) -> str:
+    """The ActQuantizer range method of ``config.act_range_init`` ("ema_shuffled" is "ema" over
+    batches in shuffled order: the order is the calibration's business)."""
+    return "ema" if config.act_range_init == "ema_shuffled" else config.act_range_init
+
+
+def act_groups_for(name: str, config: GradientAlignedQuantizer) -> int:
+    """Step sizes of the input activation quantizer(s) of layer / attention module ``name``."""
+    return config.num_act_timestep_groups if _matches(name, config.timestep_aware_acts) else 1
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -42,7 +53,8 @@ def wrap_model(model: nn.Module, config: GradientAlignedQuantizer, family) -> Wr
         raise ValueError("this model is already wrapped for quantization; wrap the original full-precision model")
     report = WrapReport()
     splits = family.skip_splits(model) if config.split_shortcut and config.act_bits else {}
-    act_kwargs = dict(symmetric=config.act_symmetric, momentum=config.act_ema_momentum)
+    act_kwargs = dict(symmetric=config.act_symmetric, momentum=config.act_ema_momentum,
+                      range_method=act_range_method(config))
     for name, module in list(model.named_modules()):
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
@@ -52,9 +64,10 @@ def wrap_model(model: nn.Module, config: GradientAlignedQuantizer, family) -> Wr
         wq = WeightQuantizer(config.weight_bits, per_channel=config.weight_granularity == "per_channel",
                              symmetric=config.weight_symmetric,
                              init="minmax" if config.method == "minmax" else config.weight_init)
-        aq = ActQuantizer(config.act_bits, **act_kwargs) if config.act_bits else None
+        groups = act_groups_for(name, config)
+        aq = ActQuantizer(config.act_bits, num_groups=groups, **act_kwargs) if config.act_bits else None
         split = splits.get(name)
-        sq = ActQuantizer(config.act_bits, **act_kwargs) if (split and aq is not None) else None
+        sq = ActQuantizer(config.act_bits, num_groups=groups, **act_kwargs) if (split and aq is not None) else None
         cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
         _set_submodule(model, name, cls(module, wq, aq, split_at=split if sq else None, split_quantizer=sq))
         report.layer_bits[name] = {"weight_bits": config.weight_bits, "act_bits": config.act_bits}
@@ -63,7 +76,7 @@ def wrap_model(model: nn.Module, config: GradientAlignedQuantizer, family) -> Wr
     if config.quantize_attention and config.act_bits:
         for name, module in model.named_modules():
             if hasattr(module, "set_processor") and hasattr(module, "processor") and not _matches(name, config.keep_fp):
-                core = QuantAttentionCore(config.act_bits, **act_kwargs)
+                core = QuantAttentionCore(config.act_bits, num_groups=act_groups_for(name, config), **act_kwargs)
                 module.set_processor(QuantAttnProcessor(module.processor, core))
                 report.attention.append(name)
     return report

@@ -95,12 +95,14 @@ class QuantLinear(QuantLayer):
 class QuantAttentionCore(nn.Module):
     """softmax(Q K^T * scale) V with quantized Q, K, V and probabilities (unsigned)."""
 
-    def __init__(self, bits: int, prob_bits: int | None = None, momentum: float = 0.95, symmetric: bool = False):
+    def __init__(self, bits: int, prob_bits: int | None = None, momentum: float = 0.95, symmetric: bool = False,
+                 range_method: str = "ema", num_groups: int = 1):
         super().__init__()
-        self.q_quantizer = ActQuantizer(bits, symmetric=symmetric, momentum=momentum)
-        self.k_quantizer = ActQuantizer(bits, symmetric=symmetric, momentum=momentum)
-        self.v_quantizer = ActQuantizer(bits, symmetric=symmetric, momentum=momentum)
-        self.prob_quantizer = ActQuantizer(prob_bits or bits, unsigned=True, momentum=momentum)
+        kw = dict(momentum=momentum, range_method=range_method, num_groups=num_groups)
+        self.q_quantizer = ActQuantizer(bits, symmetric=symmetric, **kw)
+        self.k_quantizer = ActQuantizer(bits, symmetric=symmetric, **kw)
+        self.v_quantizer = ActQuantizer(bits, symmetric=symmetric, **kw)
+        self.prob_quantizer = ActQuantizer(prob_bits or bits, unsigned=True, **kw)
         self.use_act_quant = False
 
     def act_quantizers(self) -> list[ActQuantizer]:

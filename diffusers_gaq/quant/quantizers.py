@@ -159,46 +159,153 @@ class WeightQuantizer(nn.Module):
         return f"bits={self.bits}, {gran}, symmetric={self.symmetric}, mode={self.mode}"
 
 
+ACT_RANGE_METHODS = ("ema", "minmax", "percentile", "mse")
+
+
+def _subsample(x: torch.Tensor, k: int) -> torch.Tensor:
+    """k evenly strided values of x, plus its extremes (deterministic and cheap)."""
+    flat = x.detach().flatten().float()
+    if flat.numel() <= k:
+        return flat
+    idx = torch.linspace(0, flat.numel() - 1, k, device=flat.device).long()
+    return torch.cat([flat[idx], flat.min().reshape(1), flat.max().reshape(1)])
+
+
+@torch.no_grad()
+def mse_range(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
+              p: float = 2.0, grid: int = 100, step: float = 0.008):
+    """Shrink [lo, hi] to [r*lo, r*hi], r = 1, 0.992, ..., and keep the r whose quantization error
+    ||Q(x) - x||_p over ``values`` is smallest (the weights' search, on observed activations)."""
+    best_err, best = math.inf, (lo, hi)
+    for i in range(grid):
+        r = 1.0 - i * step
+        if r <= 0:
+            break
+        scale, zp = scale_from_range(lo * r, hi * r, bits, symmetric)
+        err = (fake_quantize(values, scale, zp, bits) - values).abs().pow(p).sum().item()
+        if err < best_err:
+            best_err, best = err, (lo * r, hi * r)
+    return best
+
+
 class ActQuantizer(nn.Module):
-    """Per-tensor activation quantizer: EMA min/max initialisation, then a learnable step size (LSQ).
+    """Per-tensor activation quantizer: a range observed over the calibration inputs, then a
+    learnable step size (LSQ).
 
     ``unsigned=True`` pins the range at 0 (softmax probabilities). Modes: ``observing`` passes the
-    input through and updates the EMA; after :meth:`finalize` the quantizer quantizes.
+    input through and records range statistics; :meth:`finalize` turns them into a step size and
+    zero point (``range_method``: "ema" of per-batch min/max with ``momentum``, global "minmax",
+    "percentile" (0.01 / 99.99 %), or an "mse" search of the clipping range), after which the
+    quantizer quantizes.
+
+    ``num_groups > 1`` makes the quantizer timestep-aware (TFMQ-DM's per-timestep calibration of
+    temporal features): one step size and zero point per timestep group, each calibrated and
+    learned on its own group's samples. Before every forward the caller sets :attr:`group_index`,
+    the group of each sample of the batch (models/timestep_groups.py does it from the timestep the
+    denoiser is called with).
     """
 
-    def __init__(self, bits: int, symmetric: bool = False, unsigned: bool = False, momentum: float = 0.95):
+    POOL = 4096  # values kept per observed batch (per group) for the percentile / MSE ranges
+
+    def __init__(self, bits: int, symmetric: bool = False, unsigned: bool = False, momentum: float = 0.95,
+                 range_method: str = "ema", num_groups: int = 1):
         super().__init__()
         if not 2 <= bits <= 16:
             raise ValueError(f"activation bits must be in 2..16, got {bits}")
+        if range_method not in ACT_RANGE_METHODS:
+            raise ValueError(f"activation range method must be one of {ACT_RANGE_METHODS}, got {range_method!r}")
+        if num_groups < 1:
+            raise ValueError(f"num_groups must be >= 1, got {num_groups}")
         self.bits, self.symmetric, self.unsigned, self.momentum = bits, symmetric, unsigned, momentum
+        self.range_method, self.num_groups = range_method, num_groups
         self.observing = False
-        self.register_buffer("running_min", torch.tensor(math.inf))
-        self.register_buffer("running_max", torch.tensor(-math.inf))
-        self.register_buffer("zero_point", torch.zeros(()))
+        self.group_index: torch.Tensor | None = None
+        shape = () if num_groups == 1 else (num_groups,)
+        self.register_buffer("running_min", torch.full(shape, math.inf))
+        self.register_buffer("running_max", torch.full(shape, -math.inf))
+        self.register_buffer("zero_point", torch.zeros(shape))
         self.register_buffer("initialized", torch.tensor(False))
-        self.scale = nn.Parameter(torch.ones(()))
+        self.scale = nn.Parameter(torch.ones(shape))
+        self._pool: list[list[torch.Tensor]] = [[] for _ in range(num_groups)]
+        self._global: list[list[float]] = [[math.inf, -math.inf] for _ in range(num_groups)]
+
+    @property
+    def timestep_aware(self) -> bool:
+        return self.num_groups > 1
+
+    def _sample_groups(self, x: torch.Tensor) -> torch.Tensor:
+        """The group of every row of ``x`` (rows may be samples x heads, sample-major)."""
+        g = self.group_index
+        if g is None:
+            raise RuntimeError("timestep-aware activation quantizer called without a timestep group: call the "
+                               "quantized model itself (it sets the group from its timestep argument)")
+        g = g.to(x.device)
+        if len(g) != x.shape[0]:
+            if x.shape[0] % len(g):
+                raise RuntimeError(f"activation batch {x.shape[0]} does not fit the {len(g)} timestep groups set")
+            g = g.repeat_interleave(x.shape[0] // len(g))
+        return g
+
+    @torch.no_grad()
+    def _observe_group(self, g: int, x: torch.Tensor) -> None:
+        lo, hi = x.min().float(), x.max().float()
+        rmin, rmax = self.running_min.view(-1), self.running_max.view(-1)
+        if not torch.isfinite(rmin[g]):
+            rmin[g], rmax[g] = lo, hi
+        else:
+            rmin[g] = self.momentum * rmin[g] + (1 - self.momentum) * lo
+            rmax[g] = self.momentum * rmax[g] + (1 - self.momentum) * hi
+        stats = self._global[g]
+        stats[0], stats[1] = min(stats[0], lo.item()), max(stats[1], hi.item())
+        if self.range_method in ("percentile", "mse"):
+            self._pool[g].append(_subsample(x, self.POOL).cpu())
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        lo, hi = x.detach().min().float(), x.detach().max().float()
-        if not torch.isfinite(self.running_min):
-            self.running_min.copy_(lo)
-            self.running_max.copy_(hi)
-        else:
-            self.running_min.mul_(self.momentum).add_((1 - self.momentum) * lo)
-            self.running_max.mul_(self.momentum).add_((1 - self.momentum) * hi)
+        x = x.detach()
+        if not self.timestep_aware:
+            self._observe_group(0, x)
+            return
+        groups = self._sample_groups(x)
+        for g in torch.unique(groups).tolist():
+            self._observe_group(int(g), x[groups == g])
+
+    @torch.no_grad()
+    def _group_range(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rmin, rmax = self.running_min.view(-1)[g], self.running_max.view(-1)[g]
+        if self.range_method == "ema":
+            return rmin, rmax
+        lo, hi = torch.tensor(self._global[g][0]), torch.tensor(self._global[g][1])
+        if self.range_method == "minmax":
+            return lo, hi
+        values = torch.cat(self._pool[g])
+        if self.range_method == "percentile":
+            q = torch.quantile(values, torch.tensor([1e-4, 1 - 1e-4]))
+            return q[0], q[1]
+        if self.unsigned:
+            lo = torch.zeros(())
+        return mse_range(values, lo, hi, self.bits, self.symmetric and not self.unsigned)
 
     @torch.no_grad()
     def finalize(self) -> None:
-        """Turn the observed range into a step size and zero point; stop observing."""
-        if not torch.isfinite(self.running_min):
-            raise RuntimeError("activation quantizer finalised before observing any data")
-        lo = torch.zeros(()) if self.unsigned else self.running_min
-        scale, zp = scale_from_range(lo, self.running_max, self.bits, self.symmetric and not self.unsigned)
-        self.scale.data.copy_(scale)
-        self.zero_point.copy_(zp)
+        """Turn the observed range(s) into step size(s) and zero point(s); stop observing."""
+        rmin = self.running_min.view(-1)
+        missing = [g for g in range(self.num_groups) if not torch.isfinite(rmin[g])]
+        if missing:
+            what = "any data" if len(missing) == self.num_groups else f"data of timestep group(s) {missing}"
+            raise RuntimeError(f"activation quantizer finalised before observing {what}")
+        scales, zps = [], []
+        for g in range(self.num_groups):
+            lo, hi = self._group_range(g)
+            lo = torch.zeros(()) if self.unsigned else lo
+            s, z = scale_from_range(lo, hi, self.bits, self.symmetric and not self.unsigned)
+            scales.append(s)
+            zps.append(z)
+        self.scale.data.copy_(torch.stack(scales).reshape(self.scale.shape))
+        self.zero_point.copy_(torch.stack(zps).reshape(self.zero_point.shape))
         self.initialized.fill_(True)
         self.observing = False
+        self._pool = [[] for _ in range(self.num_groups)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
@@ -206,8 +313,26 @@ class ActQuantizer(nn.Module):
             return x
         if not bool(self.initialized):
             return x
-        return fake_quantize(x, self.scale.abs() + 1e-12, self.zero_point, self.bits)
+        scale, zero_point = self.scale.abs() + 1e-12, self.zero_point
+        if self.timestep_aware:
+            g = self._sample_groups(x)
+            view = (-1,) + (1,) * (x.dim() - 1)
+            scale, zero_point = scale[g].reshape(view), zero_point[g].reshape(view)
+        return fake_quantize(x, scale, zero_point, self.bits)
 
     def extra_repr(self) -> str:
         kind = "unsigned" if self.unsigned else ("symmetric" if self.symmetric else "asymmetric")
-        return f"bits={self.bits}, {kind}"
+        groups = f", timestep_groups={self.num_groups}" if self.timestep_aware else ""
+        return f"bits={self.bits}, {kind}, range={self.range_method}{groups}"
+
+
+def set_group_index(module: nn.Module, group_index: torch.Tensor | None) -> None:
+    """Tell every timestep-aware activation quantizer under ``module`` the group of each sample of
+    the next batch (``None`` clears it)."""
+    for m in module.modules():
+        if isinstance(m, ActQuantizer) and m.timestep_aware:
+            m.group_index = group_index
+
+
+def has_timestep_aware(module: nn.Module) -> bool:
+    return any(isinstance(m, ActQuantizer) and m.timestep_aware for m in module.modules())
