@@ -56,7 +56,8 @@ class GradientAlignedQuantizer:
         the fastest; K: every minibatch gradient is the fixed-order sum of K shard gradients,
         whichever process computed each, so 1..K processes give bit-identical results).
     Sample weights (the paper's Algorithms 1-2)
-        weighting "gradient_aligned" | "uniform"; val_fraction held out per timestep; num_groups
+        weighting "gradient_aligned" | "uniform" (default: gradient-aligned, uniform under
+        method="minmax", which has no loss to weight); val_fraction held out per timestep; num_groups
         (T, consecutive timestep groups); tau (softmax temperature); meta_iters, meta_batch_size,
         inner_lr (eta of the virtual step), meta_lr (Adam on the scores); carry_scores (whether
         scores carry over from block to block).
@@ -96,7 +97,8 @@ class GradientAlignedQuantizer:
     beta_end: float = 2.0
     grad_shards: int | None = None
 
-    weighting: str = "gradient_aligned"
+    # None: "gradient_aligned" with reconstruction, "uniform" with method="minmax" (nothing to weight).
+    weighting: str | None = None
     val_fraction: float = 0.05
     num_groups: int = 5
     tau: float = 1.0
@@ -121,6 +123,8 @@ class GradientAlignedQuantizer:
     device: str | None = None
 
     def __post_init__(self):
+        if self.weighting is None:
+            self.weighting = "uniform" if self.method == "minmax" else "gradient_aligned"
         if isinstance(self.keep_fp, str):
             self.keep_fp = (self.keep_fp,)
         if not isinstance(self.keep_fp, (list, tuple)):

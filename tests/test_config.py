@@ -22,6 +22,7 @@ CHOICES = {
     "weight_init": ("mse", "minmax"),
     "timestep_schedule": ("uniform", "normal"),
     "method": ("reconstruction", "minmax"),
+    "act_range_init": ("ema", "ema_shuffled", "minmax", "percentile", "mse"),
     "weighting": ("gradient_aligned", "uniform"),
 }
 
@@ -57,7 +58,8 @@ INVALID = [
     ("weight_bits", None),
     ("act_bits", 3), ("act_bits", 17), ("act_bits", 8.0), ("act_bits", True), ("act_bits", 0),
     ("weight_granularity", "per_row"), ("weight_init", "max"), ("timestep_schedule", "linear"),
-    ("method", "adaround"), ("weighting", "meta"), ("weighting", None), ("method", "MINMAX"),
+    ("method", "adaround"), ("weighting", "meta"), ("method", "MINMAX"),
+    ("act_range_init", "max"), ("timestep_aware_acts", ("",)), ("act_timestep_groups", 0), ("act_timestep_groups", 11),
     *[(name, 1) for name in BOOL_FIELDS], *[(name, 0) for name in BOOL_FIELDS], ("split_shortcut", "yes"),
     ("keep_fp", ("",)), ("keep_fp", ("conv_out", 3)), ("keep_fp", ""),
     ("act_ema_momentum", 1.0), ("act_ema_momentum", -0.1), ("act_ema_momentum", float("nan")),
@@ -92,8 +94,16 @@ def test_num_groups_bounded_by_calibration_timesteps():
 
 def test_gradient_aligned_with_minmax_refused():
     with pytest.raises(ValueError, match="weighting") as e:
-        GradientAlignedQuantizer(method="minmax")
+        GradientAlignedQuantizer(method="minmax", weighting="gradient_aligned")
     assert "method" in str(e.value)
+
+
+@pytest.mark.parametrize("flag", [dict(method="minmax"), dict(weighting="uniform"), dict(timestep_schedule="normal")])
+def test_each_baseline_the_readme_names_is_one_flag(flag):
+    config = GradientAlignedQuantizer(**flag)
+    assert all(getattr(config, k) == v for k, v in flag.items())
+    assert config.weighting == ("uniform" if flag.get("method") == "minmax" or "weighting" in flag else "gradient_aligned")
+    assert GradientAlignedQuantizer.from_dict(config.to_dict()) == config
 
 
 def test_validate_catches_mutation():
@@ -120,6 +130,7 @@ def test_device_string_is_validated():
 
 NON_DEFAULT = dict(weight_bits=3, act_bits=None, weight_granularity="per_tensor", weight_symmetric=True,
                    weight_init="minmax", act_symmetric=True, act_ema_momentum=0.9, learn_act_scale=False,
+                   act_range_init="percentile", timestep_aware_acts=("conv_in", "*time_emb_proj"), act_timestep_groups=4,
                    split_shortcut=False, quantize_attention=False, keep_fp=("conv_out", "time_embedding.*"),
                    num_inference_steps=100, num_calibration_timesteps=20, samples_per_timestep=3,
                    timestep_schedule="normal", calibration_batch_size=7, method="minmax", recon_iters=11,
@@ -223,6 +234,9 @@ def valid_kwargs(draw):
         method=method,
         weighting=weighting,
         act_ema_momentum=draw(st.floats(0.0, 1.0, exclude_max=True)),
+        act_range_init=draw(st.sampled_from(CHOICES["act_range_init"])),
+        timestep_aware_acts=tuple(draw(st.lists(st.text(min_size=1, max_size=12), max_size=3))),
+        act_timestep_groups=draw(st.none() | st.integers(1, s)),
         keep_fp=tuple(draw(st.lists(st.text(min_size=1, max_size=12), max_size=4))),
         num_inference_steps=k,
         num_calibration_timesteps=s,
@@ -337,6 +351,10 @@ def one_invalid(draw):
     }
     for name in CHOICES:
         bad[name] = _bad_choice(name)
+    bad["weighting"] = bad["weighting"].filter(lambda v: v is not None)  # None: the method's own default
+    bad["timestep_aware_acts"] = st.lists(st.just("") | st.integers() | st.none(), min_size=1, max_size=3).map(tuple)
+    bad["act_timestep_groups"] = st.integers(max_value=0) | st.integers(min_value=s + 1) | _not_int.filter(
+        lambda v: v is not None)
     for name in BOOL_FIELDS:
         bad[name] = _not_bool
     assert set(bad) == set(FIELDS)
