@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .config import CONFIG_NAME, GradientAlignedQuantizer
+from .config import CONFIG_NAME, GradientAlignedQuantizer, sorted_fields
 from .quant.layers import QuantLayer
 from .quant.quantizers import ActQuantizer
 from .quant.packing import pack_bits, packed_nbytes, unpack_bits
@@ -190,13 +190,15 @@ def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool 
             "quant_method": "gaq",
             "format_version": FORMAT_VERSION,
             "base_class": base.__name__,
-            "config": model.gaq_config.to_dict(),
+            "config": sorted_fields(model.gaq_config.to_dict()),
             "layers": layer_table(model),
             "base_model": getattr(model, "gaq_base_model", None),
             "kept_fp": list(wrap.kept_fp) if wrap else [],
             "attention": list(wrap.attention) if wrap else [],
         }
-        atomic_write_text(tmp / CONFIG_NAME, json.dumps(qcfg, indent=2, sort_keys=True) + "\n")
+        # Not sort_keys: layer_precision's order decides which pattern wins, and the layer table reads
+        # best in module order.
+        atomic_write_text(tmp / CONFIG_NAME, json.dumps(sorted_fields(qcfg), indent=2) + "\n")
         atomic_save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "gaq_format_version": str(FORMAT_VERSION)})
         if model.gaq_report is not None:
             from .calibration.report_io import report_to_files
@@ -264,7 +266,10 @@ def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device |
     if qcfg.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{folder / CONFIG_NAME}: format version {qcfg['format_version']} is newer than this "
                               f"diffusers-gaq understands ({FORMAT_VERSION}); upgrade diffusers-gaq")
-    config = GradientAlignedQuantizer.from_dict(qcfg["config"])
+    saved_config = dict(qcfg["config"])
+    # Checkpoints from before per-layer precision quantized the first and last layers like the rest.
+    saved_config.setdefault("first_last_precision", "same")
+    config = GradientAlignedQuantizer.from_dict(saved_config)
     model_cfg = _read_json(folder / MODEL_CONFIG_NAME)
     import diffusers
 
@@ -303,7 +308,7 @@ def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device |
         from .calibration.report_io import report_from_files
 
         report = report_from_files(folder / REPORT_TENSORS, folder / REPORT_JSON)
-    set_quant_state(model, weight=True, act=bool(config.act_bits))
+    set_quant_state(model, weight=True, act=config.quantizes_activations)
     mark_quantized(model, config, wrap, report)
     model.gaq_base_model = qcfg.get("base_model")
     if device is not None:

@@ -121,7 +121,8 @@ def test_device_string_is_validated():
 NON_DEFAULT = dict(weight_bits=3, act_bits=None, weight_granularity="per_tensor", weight_symmetric=True,
                    weight_init="minmax", act_symmetric=True, act_ema_momentum=0.9, learn_act_scale=False,
                    split_shortcut=False, quantize_attention=False, keep_fp=("conv_out", "time_embedding.*"),
-                   num_inference_steps=100, num_calibration_timesteps=20, samples_per_timestep=3,
+                   layer_precision={"up_blocks.*": "w8", "down_blocks.0.*": "a8", "mid_block.*": "fp"},
+                   first_last_precision="w8a16", num_inference_steps=100, num_calibration_timesteps=20, samples_per_timestep=3,
                    timestep_schedule="normal", calibration_batch_size=7, method="minmax", recon_iters=11,
                    recon_batch_size=5, weight_lr=0.1234567890123, act_lr=0.0, round_reg_weight=1e-3,
                    round_warmup=0.0, beta_start=1e3, beta_end=0.5, grad_shards=5, weighting="uniform", val_fraction=0.25,
@@ -155,6 +156,7 @@ def test_json_round_trip_exact(tmp_path, kwargs):
         a, b = getattr(cfg, name), getattr(loaded, name)
         assert type(a) is type(b) and a == b, name
     assert path.read_text() == cfg.to_json_string()
+    assert list(loaded.layer_precision) == list(cfg.layer_precision)  # the order decides: first match wins
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temporary file
 
 
