@@ -210,6 +210,18 @@ def _nonneg_float(hi=10.0):
     return st.floats(min_value=0.0, max_value=hi, allow_nan=False, allow_infinity=False)
 
 
+def _valid_tag():
+    w, a = st.integers(2, 8), st.integers(4, 16)
+    return (st.just("fp") | w.map(lambda b: f"w{b}") | a.map(lambda b: f"a{b}")
+            | st.tuples(w, a).map(lambda wa: f"w{wa[0]}a{wa[1]}"))
+
+
+def _invalid_tag():
+    return (st.integers(9, 99).map(lambda b: f"w{b}a8") | st.integers(0, 1).map(lambda b: f"w{b}")
+            | st.integers(17, 64).map(lambda b: f"a{b}") | st.integers(0, 3).map(lambda b: f"w4a{b}")
+            | st.sampled_from(["", "W4A8", "int8", "w4a", "a8w4", "fp16", "w4 a8"]) | st.integers() | st.none())
+
+
 @st.composite
 def valid_kwargs(draw):
     k = draw(st.integers(2, 10_000))
@@ -226,6 +238,8 @@ def valid_kwargs(draw):
         weighting=weighting,
         act_ema_momentum=draw(st.floats(0.0, 1.0, exclude_max=True)),
         keep_fp=tuple(draw(st.lists(st.text(min_size=1, max_size=12), max_size=4))),
+        layer_precision=draw(st.dictionaries(st.text(min_size=1, max_size=12), _valid_tag(), max_size=4)),
+        first_last_precision=draw(_valid_tag() | st.just("same")),
         num_inference_steps=k,
         num_calibration_timesteps=s,
         samples_per_timestep=draw(st.integers(2, 10_000)),  # one sample per timestep leaves no training data
@@ -334,6 +348,10 @@ def one_invalid(draw):
                                   min_size=1, max_size=3).map(tuple) | st.none() | st.floats()),
         "calibration_prompts": (st.lists(st.just("") | st.just("  ") | st.integers() | st.none(), min_size=1,
                                          max_size=3).map(tuple) | st.integers(min_value=1)),
+        "layer_precision": (st.dictionaries(st.text(min_size=1, max_size=6), _invalid_tag(), min_size=1, max_size=2)
+                            | st.dictionaries(st.just("") | st.integers(), _valid_tag(), min_size=1, max_size=2)
+                            | st.integers() | st.text(max_size=3)),
+        "first_last_precision": _invalid_tag(),
         "guidance_scale": (st.floats(max_value=0.0, exclude_max=True, allow_nan=False, allow_infinity=False)
                            | st.booleans() | st.text(max_size=3) | st.just(float("nan")) | st.just(float("inf"))),
     }
