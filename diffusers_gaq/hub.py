@@ -127,7 +127,7 @@ def _calibration_rows(config) -> list[tuple[str, str]]:
         ("held-out validation fraction", f"{config.val_fraction:g} per timestep"),
         ("weight quantizer", f"{config.weight_granularity}, {weight_symmetry}, {config.weight_init} init"),
     ]
-    if config.act_bits:
+    if config.quantizes_activations:  # globally or by a per-layer tag
         act = (f"{'symmetric' if config.act_symmetric else 'asymmetric'}, EMA init (momentum {config.act_ema_momentum})"
                + (", learned step (LSQ)" if config.learn_act_scale else ""))
         rows.append(("activation quantizer", act))
