@@ -86,7 +86,10 @@ def _public_config(cfg) -> dict:
 
 def config_fingerprint(config: GradientAlignedQuantizer) -> dict:
     """The config fields that determine the result, as they read back from JSON."""
-    return _jsonable({k: v for k, v in config.to_dict().items() if k not in _RESULT_NEUTRAL_FIELDS})
+    fields = {k: v for k, v in config.to_dict().items() if k not in _RESULT_NEUTRAL_FIELDS}
+    # Pairs, not a mapping: the order of layer_precision decides which pattern wins.
+    fields["layer_precision"] = [list(item) for item in config.layer_precision.items()]
+    return _jsonable(fields)
 
 
 def run_fingerprint(model, scheduler_config, config: GradientAlignedQuantizer,

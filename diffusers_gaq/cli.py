@@ -63,9 +63,24 @@ def build_config(args):
         "class_labels": args.class_labels, "calibration_prompts": args.prompt, "guidance_scale": args.guidance_scale,
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
+    if args.layer_precision:  # flags come after the --config file's patterns: earlier patterns win
+        base["layer_precision"] = {**base.get("layer_precision", {}), **_layer_precision(args.layer_precision)}
+    if args.first_last_precision is not None:
+        base["first_last_precision"] = args.first_last_precision
     if args.act_bits is not None and args.act_bits <= 0:
         base["act_bits"] = None  # --act-bits 0: weight-only
     return GradientAlignedQuantizer.from_dict(base)
+
+
+def _layer_precision(items: list[str]) -> dict[str, str]:
+    """--layer-precision PATTERN=TAG flags as a mapping, in the order given (the first match wins)."""
+    mapping = {}
+    for item in items:
+        pattern, sep, tag = item.rpartition("=")
+        if not sep or not pattern or not tag:
+            raise CLIError(f"--layer-precision {item!r} is not PATTERN=TAG, e.g. --layer-precision 'up_blocks.*=w8a8'")
+        mapping[pattern] = tag
+    return mapping
 
 
 def _check_output(path: Path, overwrite: bool) -> None:
@@ -214,7 +229,8 @@ def cmd_push(args) -> int:
 
 def cmd_info(args) -> int:
     from .config import CONFIG_NAME
-    from .serialization import WEIGHTS_NAME, CheckpointError, quantized_model_dir
+    from .serialization import (WEIGHTS_NAME, CheckpointError, checkpoint_weight_bits, precision_groups,
+                                quantized_model_dir)
 
     directory = Path(args.directory)
     unet_dir = quantized_model_dir(directory)  # a whole pipeline keeps it in unet/ or transformer/
@@ -225,8 +241,10 @@ def cmd_info(args) -> int:
     layers = qcfg["layers"]
     bits = {}
     for entry in layers.values():
-        key = f"W{entry['weight_bits']}A{entry['act_bits'] or 32}"
+        key = f"W{entry['weight_bits'] or 32}A{entry['act_bits'] or 32}"
         bits[key] = bits.get(key, 0) + 1
+    groups = precision_groups(layers, qcfg.get("kept_fp", []))
+    storage = checkpoint_weight_bits(unet_dir)
     cfg = qcfg["config"]
     size = (unet_dir / WEIGHTS_NAME).stat().st_size
     print(f"checkpoint:   {directory}")
@@ -235,6 +253,12 @@ def cmd_info(args) -> int:
     print(f"layers:       {len(layers)} quantized ({', '.join(f'{k}: {v}' for k, v in sorted(bits.items()))}), "
           f"{len(qcfg.get('kept_fp', []))} kept FP, {sum(1 for e in layers.values() if e['split_at'])} split inputs, "
           f"{len(qcfg.get('attention', []))} quantized attention")
+    print("precision:")
+    for tag, names in groups.items():
+        shown = ", ".join(names) if len(names) <= 4 else f"{', '.join(names[:3])}, ..."
+        print(f"  {tag:<10} {len(names):>4} layer{'s' if len(names) != 1 else ' '}  {shown}")
+    print(f"bits/weight:  {storage.bits_per_weight:.2f} effective ({storage.quantized_weights} quantized weights in "
+          f"{storage.packed_bytes / 2**20:.2f} MiB of packed codes, {storage.fp_weights} weights in full precision)")
     print(f"weights file: {size / 2**20:.2f} MiB")
     print(f"calibration:  {cfg['num_calibration_timesteps']} timesteps x {cfg['samples_per_timestep']} samples "
           f"({cfg['timestep_schedule']}), {cfg['recon_iters']} reconstruction / {cfg['meta_iters']} meta iterations, "
@@ -304,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-bits", type=int, help="2-8 (default 4)")
     q.add_argument("--act-bits", type=int, help="4-16, or 0 for weight-only (default 8)")
     q.add_argument("--config", help="a GradientAlignedQuantizer JSON file; flags override it")
+    q.add_argument("--layer-precision", action="append", metavar="PATTERN=TAG",
+                   help="precision of the layers whose module name matches the fnmatch PATTERN: TAG is w<W>a<A> "
+                        "(e.g. w8a8), w<W> (activation FP), a<A> (weight FP) or fp; repeat for several, the first "
+                        "matching pattern wins")
+    q.add_argument("--first-last-precision", metavar="TAG",
+                   help="precision of the first and last layers (UNets: conv_in, conv_out; DiT: patch embedding, "
+                        "output projection): a tag as above, default fp; 'same' treats them like the others")
     q.add_argument("--budget", choices=sorted(BUDGETS), default="default", help="calibration budget preset")
     q.add_argument("--weighting", choices=["gradient_aligned", "uniform"])
     q.add_argument("--method", choices=["reconstruction", "minmax"])

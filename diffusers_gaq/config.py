@@ -7,10 +7,46 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 CONFIG_NAME = "quantization_config.json"
+
+# ---- per-layer precision tags ----------------------------------------------------------------
+# "w<bits>a<bits>" (both quantized), "w<bits>" (activation FP), "a<bits>" (weight FP) or "fp".
+WEIGHT_BITS_RANGE = (2, 8)
+ACT_BITS_RANGE = (4, 16)
+FP_TAG = "fp"
+SAME_TAG = "same"  # first_last_precision only: no special treatment
+_TAG_RE = re.compile(r"(?:w(\d+))?(?:a(\d+))?")
+PRECISION_FORMS = (f"'w<W>a<A>' (e.g. 'w8a8', 'w4a16'), 'w<W>' (weights only, e.g. 'w8'), "
+                   f"'a<A>' (activation only, e.g. 'a8') or 'fp', with W in {WEIGHT_BITS_RANGE[0]}..{WEIGHT_BITS_RANGE[1]} "
+                   f"and A in {ACT_BITS_RANGE[0]}..{ACT_BITS_RANGE[1]}")
+
+
+def parse_precision(tag: str) -> tuple[int | None, int | None]:
+    """(weight bits, activation bits) of a precision tag, None meaning full precision.
+    Raises ValueError naming the tag and the allowed forms."""
+    match = _TAG_RE.fullmatch(tag) if isinstance(tag, str) else None
+    if tag == FP_TAG:
+        return None, None
+    if match is None or not tag:
+        raise ValueError(f"{tag!r} is not a precision tag; expected {PRECISION_FORMS}")
+    w, a = (int(g) if g is not None else None for g in match.groups())
+    if w is not None and not WEIGHT_BITS_RANGE[0] <= w <= WEIGHT_BITS_RANGE[1]:
+        raise ValueError(f"{tag!r} asks for {w}-bit weights; weight bits must lie in "
+                         f"{WEIGHT_BITS_RANGE[0]}..{WEIGHT_BITS_RANGE[1]} (expected {PRECISION_FORMS})")
+    if a is not None and not ACT_BITS_RANGE[0] <= a <= ACT_BITS_RANGE[1]:
+        raise ValueError(f"{tag!r} asks for {a}-bit activations; activation bits must lie in "
+                         f"{ACT_BITS_RANGE[0]}..{ACT_BITS_RANGE[1]} (expected {PRECISION_FORMS})")
+    return w, a
+
+
+def precision_tag(weight_bits: int | None, act_bits: int | None) -> str:
+    """The tag of a (weight bits, activation bits) pair; inverse of parse_precision."""
+    text = (f"w{weight_bits}" if weight_bits else "") + (f"a{act_bits}" if act_bits else "")
+    return text or FP_TAG
 
 _CHOICES = {
     "weight_granularity": ("per_channel", "per_tensor"),
@@ -43,6 +79,15 @@ class GradientAlignedQuantizer:
         split_shortcut (separate quantizers for the two halves of skip concatenations);
         quantize_attention (q, k, v and softmax probabilities); keep_fp (fnmatch patterns of
         module names kept in full precision, e.g. "conv_out" or "time_embedding.*").
+    Per-layer precision
+        layer_precision: {fnmatch pattern: tag}, tags "w8a8", "w4a16", "w8" (activation FP),
+        "a8" (weight FP) or "fp" (not wrapped, like keep_fp); the FIRST matching pattern wins, so
+        put specific patterns before general ones. A pattern naming an attention module sets its
+        matmuls' bits ("fp": not quantized). Every pattern must match a layer of the model.
+        first_last_precision: the tag of the family's first and last layers (UNets: conv_in,
+        conv_out; DiT: the patch embedding and the output projection), "fp" by default, "same"
+        for none. Precedence: keep_fp > layer_precision > first_last_precision > weight_bits /
+        act_bits. A tag with activations applies even when act_bits is None (weight-only).
     Calibration data
         num_inference_steps of the DDIM trajectories; num_calibration_timesteps (S) kept per
         trajectory; samples_per_timestep (n); timestep_schedule "uniform" (fixed intervals) or
@@ -79,6 +124,8 @@ class GradientAlignedQuantizer:
     split_shortcut: bool = True
     quantize_attention: bool = True
     keep_fp: tuple[str, ...] = ()
+    layer_precision: dict[str, str] = field(default_factory=dict)
+    first_last_precision: str = FP_TAG
 
     num_inference_steps: int = 50
     num_calibration_timesteps: int = 10
@@ -134,6 +181,8 @@ class GradientAlignedQuantizer:
             self.timestep_aware_acts = (self.timestep_aware_acts,)
         if isinstance(self.timestep_aware_acts, list):
             self.timestep_aware_acts = tuple(self.timestep_aware_acts)
+        if isinstance(self.layer_precision, Mapping):
+            self.layer_precision = dict(self.layer_precision)
         self._normalise_family_fields()
         self.validate()
 
@@ -170,6 +219,7 @@ class GradientAlignedQuantizer:
                 self._fail(name, "True or False")
         if not all(isinstance(p, str) and p for p in self.keep_fp):
             self._fail("keep_fp", "a list of non-empty module-name patterns")
+        self._validate_precision_fields()
         self._float("act_ema_momentum", 0.0, 1.0, hi_open=True)
         if not isinstance(self.timestep_aware_acts, tuple) or not all(isinstance(p, str) and p
                                                                       for p in self.timestep_aware_acts):
@@ -213,6 +263,25 @@ class GradientAlignedQuantizer:
             raise ValueError("weighting='gradient_aligned' needs method='reconstruction' "
                              "(min-max quantization has no calibration loss to weight); set weighting='uniform'")
 
+    def _validate_precision_fields(self) -> None:
+        if not isinstance(self.layer_precision, dict):
+            self._fail("layer_precision", "a mapping {module-name pattern: precision tag}")
+        for pattern, tag in self.layer_precision.items():
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"GradientAlignedQuantizer.layer_precision: pattern {pattern!r} (tag {tag!r}) is "
+                                 "invalid: patterns are non-empty fnmatch strings of module names, e.g. "
+                                 "'down_blocks.0.*'")
+            try:
+                parse_precision(tag)
+            except ValueError as e:
+                raise ValueError(f"GradientAlignedQuantizer.layer_precision[{pattern!r}]: {e}") from None
+        if self.first_last_precision != SAME_TAG:
+            try:
+                parse_precision(self.first_last_precision)
+            except ValueError as e:
+                raise ValueError(f"GradientAlignedQuantizer.first_last_precision: {e}, or 'same' (no special "
+                                 "treatment)") from None
+
     def _normalise_family_fields(self) -> None:
         # JSON gives lists back; a single string is one prompt, a single int one label.
         for name, scalar in (("class_labels", int), ("calibration_prompts", str)):
@@ -247,6 +316,14 @@ class GradientAlignedQuantizer:
         return self.act_timestep_groups or self.num_calibration_timesteps
 
     @property
+    def quantizes_activations(self) -> bool:
+        """Whether any activation may be quantized: globally (act_bits), or by a per-layer tag."""
+        tags = list(self.layer_precision.values())
+        if self.first_last_precision != SAME_TAG:
+            tags.append(self.first_last_precision)
+        return self.act_bits is not None or any(parse_precision(t)[1] is not None for t in tags)
+
+    @property
     def tag(self) -> str:
         return f"w{self.weight_bits}a{self.act_bits if self.act_bits else 32}"
 
@@ -255,6 +332,7 @@ class GradientAlignedQuantizer:
         d = dataclasses.asdict(self)
         d["keep_fp"] = list(self.keep_fp)
         d["timestep_aware_acts"] = list(self.timestep_aware_acts)
+        d["layer_precision"] = dict(self.layer_precision)  # insertion order matters: first match wins
         d["quant_method"] = "gaq"
         return d
 
@@ -269,7 +347,7 @@ class GradientAlignedQuantizer:
         return cls(**data)
 
     def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return json.dumps(sorted_fields(self.to_dict()), indent=2) + "\n"
 
     def to_json_file(self, path: str | os.PathLike) -> None:
         from .utils import atomic_write_text
@@ -289,4 +367,10 @@ class GradientAlignedQuantizer:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["GradientAlignedQuantizer", "CONFIG_NAME"]
+def sorted_fields(d: dict) -> dict:
+    """``d`` with its keys sorted, one level deep: json's sort_keys would also reorder
+    layer_precision, whose order decides which pattern wins."""
+    return {k: d[k] for k in sorted(d)}
+
+
+__all__ = ["GradientAlignedQuantizer", "CONFIG_NAME", "parse_precision", "precision_tag", "sorted_fields"]

@@ -15,7 +15,6 @@ import os
 import re
 import statistics
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 from .config import CONFIG_NAME
@@ -88,23 +87,30 @@ def _model_kind(model) -> tuple[str, str]:
 
 
 def _bits_rows(model) -> list[dict]:
-    """Layer counts per (weight bits, activation bits) pair, with packed vs fp32 weight sizes."""
-    from .serialization import layer_table
+    """One row per precision tag (w4a8, w8, a8, fp, ...), the largest group first: layer count (with
+    the names when few), and the weights' stored size against fp32."""
+    from .config import parse_precision
+    from .serialization import layer_table, precision_groups
 
-    groups: Counter = Counter()
-    numel: Counter = Counter()
-    for entry in layer_table(model).values():
-        key = (entry["weight_bits"], entry["act_bits"])
-        groups[key] += 1
-        count = 1
-        for dim in entry["weight_shape"]:
-            count *= dim
-        numel[key] += count
+    kept = list(model.gaq_wrap.kept_fp) if model.gaq_wrap else []
     rows = []
-    for (w, a), n in sorted(groups.items(), key=lambda kv: (-(kv[0][0] or 99), -(kv[0][1] or 99))):
-        rows.append({"weights": f"{w}-bit" if w else "FP", "acts": f"{a}-bit" if a else "FP (weight-only)",
-                     "layers": n, "packed_mb": numel[(w, a)] * (w or 32) / 8 / 1e6, "fp32_mb": numel[(w, a)] * 4 / 1e6})
+    for tag, names in precision_groups(layer_table(model), kept).items():
+        w, a = parse_precision(tag)
+        weights = [model.get_submodule(n).weight for n in names]
+        numel = sum(t.numel() for t in weights)
+        stored_bits = sum(t.numel() * (w or t.element_size() * 8) for t in weights)
+        rows.append({"precision": tag, "weights": f"{w}-bit" if w else "FP",
+                     "acts": f"{a}-bit" if a else ("FP (weight-only)" if w else "FP"), "layers": len(names),
+                     "names": ", ".join(f"`{n}`" for n in names) if len(names) <= 4 else "",
+                     "packed_mb": stored_bits / 8 / 1e6, "fp32_mb": numel * 4 / 1e6})
     return rows
+
+
+def _precision_summary(model) -> str:
+    from .serialization import format_precision_groups, layer_table, precision_groups
+
+    kept = list(model.gaq_wrap.kept_fp) if model.gaq_wrap else []
+    return format_precision_groups(precision_groups(layer_table(model), kept))
 
 
 def _calibration_rows(config) -> list[tuple[str, str]]:
@@ -121,7 +127,7 @@ def _calibration_rows(config) -> list[tuple[str, str]]:
         ("held-out validation fraction", f"{config.val_fraction:g} per timestep"),
         ("weight quantizer", f"{config.weight_granularity}, {weight_symmetry}, {config.weight_init} init"),
     ]
-    if config.act_bits:
+    if config.quantizes_activations:  # globally or by a per-layer tag
         act = (f"{'symmetric' if config.act_symmetric else 'asymmetric'}, EMA init (momentum {config.act_ema_momentum})"
                + (", learned step (LSQ)" if config.learn_act_scale else ""))
         rows.append(("activation quantizer", act))
@@ -217,11 +223,16 @@ gradient-aligned weighting).
 {% endif %}
 ## Bit widths
 
-| weights | activations | layers | packed weights | fp32 weights |
-|---|---|---|---|---|
+| precision | weights | activations | layers | stored weights | fp32 weights |
+|---|---|---|---|---|---|
 {% for r in bits_rows -%}
-| {{ r.weights }} | {{ r.acts }} | {{ r.layers }} | {{ "%.2f"|format(r.packed_mb) }} MB | {{ "%.2f"|format(r.fp32_mb) }} MB |
+| {{ r.precision }} | {{ r.weights }} | {{ r.acts }} | {{ r.layers }}{% if r.names %} ({{ r.names }}){% endif %} | {{ "%.2f"|format(r.packed_mb) }} MB | {{ "%.2f"|format(r.fp32_mb) }} MB |
 {% endfor %}
+Layers by precision: {{ precision_summary }}.
+Effective bits per weight: **{{ "%.2f"|format(weight_bits.bits_per_weight) }}** over every Conv2d / Linear weight
+({{ weight_bits.quantized_weights }} quantized weights in {{ "%.3f"|format(weight_bits.packed_bytes / 1e6) }} MB of packed codes,
+{{ weight_bits.fp_weights }} full-precision weights counted at their dtype's width).
+
 {% if attention %}Attention matmuls (queries, keys, values and softmax probabilities) are quantized in {{ attention|length }} attention block(s).
 {% endif -%}
 {% if split_layers %}Inputs that concatenate a skip connection have separate quantizers for each half ({{ split_layers }} layers).
@@ -343,6 +354,8 @@ def build_model_card(model, base_model: str | None = None, license: str | None =
     snippet; without it a placeholder stands there, which push_folder replaces."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from .serialization import model_weight_bits
+
     config = model.gaq_config
     if config is None:
         raise ValueError("the model carries no gaq_config; build cards for models from quantize_pipeline() "
@@ -383,6 +396,8 @@ def build_model_card(model, base_model: str | None = None, license: str | None =
         granularity=config.weight_granularity.replace("_", "-"),
         arxiv=PAPER_ARXIV,
         bits_rows=_bits_rows(model),
+        precision_summary=_precision_summary(model),
+        weight_bits=model_weight_bits(model),
         attention=list(wrap.attention) if wrap and config.quantize_attention else [],
         split_layers=len(wrap.split_layers) if wrap else 0,
         kept_fp=list(wrap.kept_fp) if wrap else [],

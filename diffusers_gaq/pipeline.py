@@ -15,7 +15,7 @@ from .distributed import detect, unit_sync_check
 from .models import denoiser_of
 from .models import supported_pipelines as _supported_pipelines
 from .models.quantized import mark_quantized
-from .models.wrap import set_quant_state, wrap_model
+from .models.wrap import check_layer_patterns, set_quant_state, wrap_model
 from .utils import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
     config = config or GradientAlignedQuantizer()
     config.validate()
     family, component, fp_model = check_pipeline(pipe)
+    check_layer_patterns(fp_model, config, family)  # a mistyped pattern is refused before any sampling
     device = resolve_device(config.device)
     if calibration_data is not None:
         calibration_data.check(*_channels_and_size(family, fp_model))
@@ -101,7 +102,7 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
                              scores=resumed.scores, on_unit_done=on_unit_done)
     resumed.merge_into(report)
     report.data_seconds = data_seconds
-    set_quant_state(model, weight=True, act=bool(config.act_bits))
+    set_quant_state(model, weight=True, act=config.quantizes_activations)
     mark_quantized(model, config, wrap, report)
     # Where the FP model came from (a Hub id or a folder): the model card and `evaluate` use it.
     model.gaq_base_model = getattr(pipe, "name_or_path", None) or getattr(fp_model.config, "_name_or_path", None)

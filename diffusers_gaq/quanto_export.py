@@ -343,7 +343,10 @@ _GAQ_ATTRIBUTES = ("gaq_config", "gaq_wrap", "gaq_report", "gaq_evaluation", "ga
 
 # Reasons a model is refused; the keys group the offending layers in the error message.
 _R_NOT_FROZEN = "weights are not calibrated (weight quantizer not frozen); quantize with quantize_pipeline() first"
-_R_NO_WEIGHT_QUANT = "the layer has no weight quantizer"
+_R_FP_WEIGHT_QUANT_ACT = (
+    "full-precision weights with a quantized input (a per-layer 'a<A>' precision): a quanto module built "
+    "here quantizes its weight; give these layers weight bits (e.g. 'w8a8') or 'fp'"
+)
 _R_WEIGHT_OFF = (
     "weight quantization is switched off (set_quant_state): the model computes with float weights, "
     "which a quanto module cannot"
@@ -394,8 +397,10 @@ def _act_is_applied(layer) -> bool:
 def _layer_plan(layer, activations: bool) -> tuple[dict | None, str | None]:
     """``to_quanto_module`` keyword arguments for one QuantLayer, or the reason quanto cannot express it."""
     wq = layer.weight_quantizer
-    if wq is None:
-        return None, _R_NO_WEIGHT_QUANT
+    if wq is None:  # a per-layer "a<A>" tag: weights kept in full precision
+        if activations and _act_is_applied(layer):
+            return None, _R_FP_WEIGHT_QUANT_ACT
+        return {}, None  # nothing quantized: the layer stays a plain nn.Conv2d / nn.Linear
     if wq.mode != "frozen" or wq.codes is None:
         return None, _R_NOT_FROZEN
     if not layer.use_weight_quant:
@@ -436,7 +441,8 @@ def _format_problems(problems: dict[str, list[str]], activations: bool) -> str:
     for reason, names in problems.items():
         shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
         lines.append(f"  - {reason}: {shown}")
-    if activations and set(problems) <= {_R_SPLIT, _R_ASYM_ACT, _R_ACT_BITS, _R_ATTENTION, _R_TIMESTEP_AWARE}:
+    if activations and set(problems) <= {_R_SPLIT, _R_ASYM_ACT, _R_ACT_BITS, _R_ATTENTION, _R_FP_WEIGHT_QUANT_ACT,
+                                         _R_TIMESTEP_AWARE}:
         lines.append(
             "Every problem is in the activation quantization: export_to_quanto(model, activations=False) exports the "
             "weights exactly and drops activation quantization (outputs then differ from this fake-quant model)."
@@ -455,7 +461,10 @@ def export_to_quanto(quantized_unet: nn.Module, *, activations: bool = True) -> 
     ``activations=True``, the wrapper's input quantizer). Layers kept in full precision stay plain
     ``nn.Conv2d`` / ``nn.Linear``; attention modules get back the processor our
     ``QuantAttnProcessor`` replaced. ``quantized_unet`` is not modified, and the float weights of
-    the quantized layers are not copied.
+    the quantized layers are not copied. Types are per module (per-layer precision): a layer with
+    8-bit weights gets qint8, with 4-bit qint4, with 2-bit qint2, and a layer whose weights are
+    full precision (``layer_precision`` tag ``"fp"``, ``"a<A>"`` with ``activations=False``, or
+    ``keep_fp``) stays a plain layer.
 
     Args:
         quantized_unet: a calibrated model from :func:`diffusers_gaq.quantize_pipeline` or
@@ -512,6 +521,9 @@ def export_to_quanto(quantized_unet: nn.Module, *, activations: bool = True) -> 
     # and an error there must leave no half-exported model behind.
     qmodules = {}
     for name, layer in layers:
+        if not plans[name]:  # per-module types: a full-precision layer stays a plain copy of itself
+            qmodules[name] = copy.deepcopy(layer.layer)
+            continue
         try:
             qmodules[name] = to_quanto_module(layer.layer, **plans[name])
         except (ValueError, TypeError) as e:
@@ -538,8 +550,9 @@ def export_to_quanto(quantized_unet: nn.Module, *, activations: bool = True) -> 
             "weight-only export: activation quantization of %d module(s) was dropped (e.g. %s); the weights are exact "
             "but the quanto model's outputs differ from the fake-quant model's", len(dropped), ", ".join(dropped[:3]))
     n_act = sum(1 for p in plans.values() if "act_scale" in p)
-    logger.info("exported %d layer(s) to optimum-quanto (%d with int8 input quantization), %d attention processor(s) "
-                "restored", len(qmodules), n_act, len(attention))
+    n_fp = sum(1 for p in plans.values() if not p)
+    logger.info("exported %d layer(s) to optimum-quanto (%d with int8 input quantization), %d kept in full precision, "
+                "%d attention processor(s) restored", len(qmodules) - n_fp, n_act, n_fp, len(attention))
     return exported.eval().requires_grad_(False)
 
 

@@ -17,11 +17,12 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import CONFIG_NAME, GradientAlignedQuantizer
+from .config import CONFIG_NAME, FP_TAG, GradientAlignedQuantizer, precision_tag, sorted_fields
 from .quant.layers import QuantLayer
 from .quant.quantizers import ActQuantizer
 from .quant.packing import pack_bits, packed_nbytes, unpack_bits
@@ -177,6 +178,101 @@ def layer_table(model) -> dict[str, dict]:
     return table
 
 
+# ---- what a checkpoint holds, per precision ---------------------------------------------------
+_SAFETENSORS_BITS = {"F16": 16, "BF16": 16, "F32": 32, "F64": 64}
+
+
+@dataclass
+class WeightBits:
+    """Storage of a quantized model's Conv2d / Linear weights: integer codes at their bit widths,
+    full-precision weights at their dtype's (32, or 16 for a half-precision model)."""
+
+    quantized_weights: int = 0
+    fp_weights: int = 0
+    total_bits: int = 0
+    packed_bytes: int = 0  # bytes of the packed codes (as stored in gaq.weight_codes)
+
+    def add(self, numel: int, bits: int | None, fp_bits: int) -> None:
+        if bits is None:
+            self.fp_weights += numel
+            self.total_bits += numel * fp_bits
+        else:
+            self.quantized_weights += numel
+            self.total_bits += numel * bits
+            self.packed_bytes += packed_nbytes(numel, bits)
+
+    @property
+    def bits_per_weight(self) -> float:
+        total = self.quantized_weights + self.fp_weights
+        return self.total_bits / total if total else 0.0
+
+
+def model_weight_bits(model) -> WeightBits:
+    """WeightBits of a wrapped model: every Conv2d / Linear, wrapped (codes) or not (its dtype)."""
+    from torch import nn
+
+    result, inner = WeightBits(), set()
+    for module in model.modules():
+        if isinstance(module, QuantLayer):
+            inner.add(id(module.layer))
+            wq = module.weight_quantizer
+            weight = module.layer.weight
+            result.add(weight.numel(), wq.bits if wq is not None else None, weight.element_size() * 8)
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and id(module) not in inner:
+            result.add(module.weight.numel(), None, module.weight.element_size() * 8)
+    return result
+
+
+def checkpoint_weight_bits(folder: str | os.PathLike) -> WeightBits:
+    """WeightBits of a saved quantized model (the folder holding quantization_config.json), from
+    its layer table and the safetensors header (shapes and dtypes of the FP weights; nothing is loaded)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    qcfg = _read_json(folder / CONFIG_NAME)
+    result = WeightBits()
+    with safe_open(str(folder / WEIGHTS_NAME), "pt") as tensors:
+        keys = set(tensors.keys())
+
+        def fp_bits(key: str) -> int:
+            return _SAFETENSORS_BITS.get(tensors.get_slice(key).get_dtype(), 32) if key in keys else 32
+
+        for name, entry in qcfg.get("layers", {}).items():
+            numel = 1
+            for dim in entry["weight_shape"]:
+                numel *= dim
+            result.add(numel, entry["weight_bits"], fp_bits(f"{name}.layer.weight"))
+        for name in qcfg.get("kept_fp", []):
+            key = f"{name}.weight"
+            if key in keys:
+                shape = tensors.get_slice(key).get_shape()
+                numel = 1
+                for dim in shape:
+                    numel *= dim
+                result.add(numel, None, fp_bits(key))
+    return result
+
+
+def precision_groups(layers: dict[str, dict], kept_fp=()) -> dict[str, list[str]]:
+    """{precision tag ("w4a8", "w8", "a8", "fp"): layer names}, the largest group first; ``layers``
+    is a layer table (quantization_config.json's "layers"), ``kept_fp`` the unwrapped layers."""
+    groups: dict[str, list[str]] = {}
+    for name, entry in layers.items():
+        groups.setdefault(precision_tag(entry["weight_bits"], entry["act_bits"]), []).append(name)
+    if kept_fp:
+        groups.setdefault(FP_TAG, []).extend(kept_fp)
+    return dict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
+
+
+def format_precision_groups(groups: dict[str, list[str]], max_names: int = 4) -> str:
+    """One line: "w4a8: 58 layers; fp: conv_in, conv_out; ..." (names when a group is small)."""
+    parts = []
+    for tag, names in groups.items():
+        parts.append(f"{tag}: {', '.join(names)}" if len(names) <= max_names else f"{tag}: {len(names)} layers")
+    return "; ".join(parts)
+
+
 def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool = False,
                    model_card: bool = True, **_ignored) -> Path:
     """Write the checkpoint folder atomically: it is built beside the target and renamed into place,
@@ -195,7 +291,7 @@ def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool 
             "quant_method": "gaq",
             "format_version": FORMAT_VERSION,
             "base_class": base.__name__,
-            "config": model.gaq_config.to_dict(),
+            "config": sorted_fields(model.gaq_config.to_dict()),
             "layers": layer_table(model),
             "base_model": getattr(model, "gaq_base_model", None),
             "kept_fp": list(wrap.kept_fp) if wrap else [],
@@ -204,7 +300,9 @@ def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool 
         groups = getattr(model, "gaq_timestep_groups", None)
         if groups is not None:
             qcfg["timestep_groups"] = groups.to_dict()
-        atomic_write_text(tmp / CONFIG_NAME, json.dumps(qcfg, indent=2, sort_keys=True) + "\n")
+        # Not sort_keys: layer_precision's order decides which pattern wins, and the layer table reads
+        # best in module order.
+        atomic_write_text(tmp / CONFIG_NAME, json.dumps(sorted_fields(qcfg), indent=2) + "\n")
         atomic_save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "gaq_format_version": str(FORMAT_VERSION)})
         if model.gaq_report is not None:
             from .calibration.report_io import report_to_files
@@ -274,7 +372,10 @@ def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device |
     if qcfg.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{folder / CONFIG_NAME}: format version {qcfg['format_version']} is newer than this "
                               f"diffusers-gaq understands ({FORMAT_VERSION}); upgrade diffusers-gaq")
-    config = GradientAlignedQuantizer.from_dict(qcfg["config"])
+    saved_config = dict(qcfg["config"])
+    # Checkpoints from before per-layer precision quantized the first and last layers like the rest.
+    saved_config.setdefault("first_last_precision", "same")
+    config = GradientAlignedQuantizer.from_dict(saved_config)
     model_cfg = _read_json(folder / MODEL_CONFIG_NAME)
     import diffusers
 
@@ -318,7 +419,7 @@ def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device |
             raise CheckpointError(f"{folder / CONFIG_NAME}: the model has timestep-aware activation quantizers but "
                                   "no 'timestep_groups' entry; the file is incomplete")
         install_timestep_groups(model, TimestepGroups.from_dict(qcfg["timestep_groups"]))
-    set_quant_state(model, weight=True, act=bool(config.act_bits))
+    set_quant_state(model, weight=True, act=config.quantizes_activations)
     mark_quantized(model, config, wrap, report)
     model.gaq_base_model = qcfg.get("base_model")
     if device is not None:

@@ -40,6 +40,12 @@ SETTINGS = {
     "wlr3e-2": {"weight_lr": 3e-2},
     "wlr1e-3": {"weight_lr": 1e-3},
     "alr1e-2": {"act_lr": 1e-2},
+    # AdaRound's V must travel to about +-2.4 before h(V) saturates at 0 or 1, and Adam moves it by
+    # about weight_lr per step: short runs need a larger rate, or hardening undoes what they learned.
+    "wlr1e-1": {"weight_lr": 1e-1},
+    "wlr3e-1": {"weight_lr": 3e-1},
+    "wlr1e-1_reg0.1": {"weight_lr": 1e-1, "round_reg_weight": 0.1},
+    "wlr1e-1_alr3e-3": {"weight_lr": 1e-1, "act_lr": 3e-3},
 }
 
 

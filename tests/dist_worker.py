@@ -150,7 +150,8 @@ def main(argv=None) -> int:
         key, value = item.split("=", 1)
         budget[key] = json.loads(value)
     config = GradientAlignedQuantizer(weight_bits=4, act_bits=8, method="reconstruction",
-                                      weighting="gradient_aligned", device="cpu", **budget)
+                                      weighting="gradient_aligned", device="cpu",
+                                      first_last_precision="same", **budget)  # FIRST_UNITS include conv_in
     t0 = time.perf_counter()
     qpipe = quantize_pipeline(pipe, config, progress=False)
     seconds = time.perf_counter() - t0

@@ -132,7 +132,8 @@ NON_DEFAULT = dict(weight_bits=3, act_bits=None, weight_granularity="per_tensor"
                    weight_init="minmax", act_symmetric=True, act_ema_momentum=0.9, learn_act_scale=False,
                    act_range_init="percentile", timestep_aware_acts=("conv_in", "*time_emb_proj"), act_timestep_groups=4,
                    split_shortcut=False, quantize_attention=False, keep_fp=("conv_out", "time_embedding.*"),
-                   num_inference_steps=100, num_calibration_timesteps=20, samples_per_timestep=3,
+                   layer_precision={"up_blocks.*": "w8", "down_blocks.0.*": "a8", "mid_block.*": "fp"},
+                   first_last_precision="w8a16", num_inference_steps=100, num_calibration_timesteps=20, samples_per_timestep=3,
                    timestep_schedule="normal", calibration_batch_size=7, method="minmax", recon_iters=11,
                    recon_batch_size=5, weight_lr=0.1234567890123, act_lr=0.0, round_reg_weight=1e-3,
                    round_warmup=0.0, beta_start=1e3, beta_end=0.5, grad_shards=5, weighting="uniform", val_fraction=0.25,
@@ -166,6 +167,7 @@ def test_json_round_trip_exact(tmp_path, kwargs):
         a, b = getattr(cfg, name), getattr(loaded, name)
         assert type(a) is type(b) and a == b, name
     assert path.read_text() == cfg.to_json_string()
+    assert list(loaded.layer_precision) == list(cfg.layer_precision)  # the order decides: first match wins
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temporary file
 
 
@@ -219,6 +221,18 @@ def _nonneg_float(hi=10.0):
     return st.floats(min_value=0.0, max_value=hi, allow_nan=False, allow_infinity=False)
 
 
+def _valid_tag():
+    w, a = st.integers(2, 8), st.integers(4, 16)
+    return (st.just("fp") | w.map(lambda b: f"w{b}") | a.map(lambda b: f"a{b}")
+            | st.tuples(w, a).map(lambda wa: f"w{wa[0]}a{wa[1]}"))
+
+
+def _invalid_tag():
+    return (st.integers(9, 99).map(lambda b: f"w{b}a8") | st.integers(0, 1).map(lambda b: f"w{b}")
+            | st.integers(17, 64).map(lambda b: f"a{b}") | st.integers(0, 3).map(lambda b: f"w4a{b}")
+            | st.sampled_from(["", "W4A8", "int8", "w4a", "a8w4", "fp16", "w4 a8"]) | st.integers() | st.none())
+
+
 @st.composite
 def valid_kwargs(draw):
     k = draw(st.integers(2, 10_000))
@@ -238,6 +252,8 @@ def valid_kwargs(draw):
         timestep_aware_acts=tuple(draw(st.lists(st.text(min_size=1, max_size=12), max_size=3))),
         act_timestep_groups=draw(st.none() | st.integers(1, s)),
         keep_fp=tuple(draw(st.lists(st.text(min_size=1, max_size=12), max_size=4))),
+        layer_precision=draw(st.dictionaries(st.text(min_size=1, max_size=12), _valid_tag(), max_size=4)),
+        first_last_precision=draw(_valid_tag() | st.just("same")),
         num_inference_steps=k,
         num_calibration_timesteps=s,
         samples_per_timestep=draw(st.integers(2, 10_000)),  # one sample per timestep leaves no training data
@@ -346,6 +362,10 @@ def one_invalid(draw):
                                   min_size=1, max_size=3).map(tuple) | st.none() | st.floats()),
         "calibration_prompts": (st.lists(st.just("") | st.just("  ") | st.integers() | st.none(), min_size=1,
                                          max_size=3).map(tuple) | st.integers(min_value=1)),
+        "layer_precision": (st.dictionaries(st.text(min_size=1, max_size=6), _invalid_tag(), min_size=1, max_size=2)
+                            | st.dictionaries(st.just("") | st.integers(), _valid_tag(), min_size=1, max_size=2)
+                            | st.integers() | st.text(max_size=3)),
+        "first_last_precision": _invalid_tag(),
         "guidance_scale": (st.floats(max_value=0.0, exclude_max=True, allow_nan=False, allow_infinity=False)
                            | st.booleans() | st.text(max_size=3) | st.just(float("nan")) | st.just(float("inf"))),
     }

@@ -169,7 +169,7 @@ def test_every_linear_and_conv_wrapped_or_kept(kind):
     original = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     kept = sorted(original)[-1]  # any one layer, kept in FP on purpose
     wrapped = copy.deepcopy(model)
-    report = wrap_model(wrapped, GradientAlignedQuantizer(keep_fp=(kept,)), family)
+    report = wrap_model(wrapped, GradientAlignedQuantizer(keep_fp=(kept,), first_last_precision="same"), family)
     assert set(report.layer_bits) | set(report.kept_fp) == original
     assert report.kept_fp == [kept] and kept not in report.layer_bits
     for name, module in wrapped.named_modules():

@@ -59,7 +59,8 @@ SMALL_UNET = dict(REFERENCE_UNET_CONFIG, sample_size=16, block_out_channels=(8, 
                   up_block_types=("AttnUpBlock2D", "UpBlock2D"))
 TINY = dict(num_inference_steps=4, num_calibration_timesteps=2, samples_per_timestep=4, num_groups=2,
             val_fraction=0.25, calibration_batch_size=8, recon_iters=2, recon_batch_size=8, meta_iters=1,
-            meta_batch_size=8)
+            meta_batch_size=8,
+            first_last_precision="same")  # conv_in quantized too: the tampering tests edit its entry
 INTERRUPT_AT = 3  # the unit after which the interrupted runs stop
 
 

@@ -156,7 +156,7 @@ def _copy(folder: Path, tmp_path: Path) -> Path:
 def test_edited_bit_widths_are_detected(saved, tmp_path):
     folder = _copy(saved["w4a8-gradient-aligned"], tmp_path)
     qcfg = json.loads((folder / CONFIG_NAME).read_text())
-    layer = "conv_in"
+    layer = "down_blocks.0.resnets.0.conv1"  # conv_in stays FP by default (first_last_precision)
     assert qcfg["layers"][layer]["weight_bits"] == 4
     qcfg["layers"][layer]["weight_bits"] = 8
     (folder / CONFIG_NAME).write_text(json.dumps(qcfg))

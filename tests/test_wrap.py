@@ -37,7 +37,8 @@ class Built:
         self.fp = UNet2DModel(**cfg).eval()
         self.wrapped = copy.deepcopy(self.fp)
         self.family = family_for(self.wrapped)
-        self.config = GradientAlignedQuantizer()
+        # Every layer quantized, conv_in / conv_out included (by default they stay FP: first_last_precision).
+        self.config = GradientAlignedQuantizer(first_last_precision="same")
         self.report = wrap_model(self.wrapped, self.config, self.family)
 
 
@@ -114,7 +115,8 @@ def test_unwrapped_output_is_exactly_the_original(built):
 
 def test_keep_fp_patterns(ref):
     model = copy.deepcopy(ref.fp)
-    config = GradientAlignedQuantizer(keep_fp=("conv_out", "time_embedding.*", "down_blocks.1.attentions.*"))
+    config = GradientAlignedQuantizer(keep_fp=("conv_out", "time_embedding.*", "down_blocks.1.attentions.*"),
+                                      first_last_precision="same")
     report = wrap_model(model, config, family_for(model))
     expected_kept = [n for n in _linear_conv_names(ref.fp)
                      if n == "conv_out" or n.startswith("time_embedding.") or n.startswith("down_blocks.1.attentions.")]

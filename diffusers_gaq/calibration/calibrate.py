@@ -138,7 +138,7 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
         else:
             targets = capture_unit(model, unit, data, family, bs, "output", device=device)
         for _, done in units[:b]:
-            set_quant_state(done, weight=True, act=bool(config.act_bits))
+            set_quant_state(done, weight=True, act=config.quantizes_activations)
         inputs = capture_unit(model, unit, data, family, bs, "inputs", device=device)
         problem = UnitProblem(name, unit, inputs, targets, device, sample_groups=sample_groups)
         init_quantizers(problem, train_idx, config)
@@ -148,7 +148,8 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
         if config.method == "reconstruction":
             start_rounding(problem)
             theta = [p for ps in problem.trainable_params(config).values() for p in ps]
-            if gradient_aligned and config.meta_iters > 0:
+            # theta is empty when nothing in the unit is trainable (e.g. only FP-weight layers, fixed act steps)
+            if gradient_aligned and config.meta_iters > 0 and theta:
                 tm = time.perf_counter()
                 init_scores = scores if config.carry_scores else torch.zeros(len(train_idx))
                 gen = torch.Generator().manual_seed(config.seed * 1009 + 2 * b + 1)
@@ -157,7 +158,7 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
                 scores = scores.cpu()
                 omega = sample_weights(scores, config.tau)
                 rep.meta_seconds = time.perf_counter() - tm
-            if record_conflict:
+            if record_conflict and theta:
                 groups = [train_idx[g] for g in train_groups]
                 rep.conflict_before = cosine_matrix(group_gradients(problem, theta, groups))
                 weights = [omega[g] for g in train_groups]
@@ -171,7 +172,7 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
                 rep.fallback = f"round-to-nearest ({err})"
             rep.recon_seconds = time.perf_counter() - tr
         harden(problem)
-        set_quant_state(unit, weight=True, act=bool(config.act_bits))
+        set_quant_state(unit, weight=True, act=config.quantizes_activations)
         rep.omega = omega.clone()
         rep.loss_final, rep.val_loss_final, rep.step_loss_final = evaluate(problem)
         diverged = not math.isfinite(rep.loss_final) or rep.loss_final > DIVERGENCE_FACTOR * rep.loss_init
@@ -193,6 +194,6 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
         bar.set_postfix(unit=name, loss=f"{rep.loss_final:.3g}")
         if on_unit_done is not None:
             on_unit_done(b, scores, report)
-    set_quant_state(model, weight=True, act=bool(config.act_bits))
+    set_quant_state(model, weight=True, act=config.quantizes_activations)
     report.calibration_seconds = time.perf_counter() - start
     return report

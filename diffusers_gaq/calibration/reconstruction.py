@@ -84,7 +84,7 @@ class UnitProblem:
         """AdaRound's V of every layer, and the activation step sizes when they are learned."""
         rounding = [layer.weight_quantizer.alpha for layer in self.layers
                     if layer.weight_quantizer is not None and layer.weight_quantizer.alpha is not None]
-        steps = [q.scale for q in self.act_quantizers()] if config.learn_act_scale and config.act_bits else []
+        steps = [q.scale for q in self.act_quantizers()] if config.learn_act_scale and config.quantizes_activations else []
         return {"rounding": rounding, "steps": steps}
 
     def named_trainable(self, config: GradientAlignedQuantizer) -> dict[str, nn.Parameter]:
@@ -101,8 +101,8 @@ def init_quantizers(problem: UnitProblem, idx: torch.Tensor, config: GradientAli
     for layer in problem.layers:
         if layer.weight_quantizer is not None:
             layer.weight_quantizer.calibrate(layer.layer.weight)
-    set_quant_state(problem.unit, weight=True, act=bool(config.act_bits))
-    if config.act_bits:
+    set_quant_state(problem.unit, weight=True, act=config.quantizes_activations)
+    if config.quantizes_activations:
         if config.act_range_init == "ema_shuffled":
             idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(config.seed))]
         set_observing(problem.unit, True)

@@ -92,6 +92,12 @@ class ModelFamily:
         return {}
 
     @classmethod
+    def first_last_layers(cls, model: nn.Module) -> list[str]:
+        """Module names of the model's first and last layers (input and output projections), which
+        ``GradientAlignedQuantizer.first_last_precision`` applies to; quantization hurts them most."""
+        return []
+
+    @classmethod
     def sample_shape(cls, model: nn.Module) -> tuple[int, int, int]:
         """(channels, height, width) of the denoiser's input (pixels or latents)."""
         size = model.config.sample_size

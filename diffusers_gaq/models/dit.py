@@ -50,6 +50,12 @@ class DiTFamily(ModelFamily):
 
         return (DiTPipeline,)
 
+    @classmethod
+    def first_last_layers(cls, model: nn.Module) -> list[str]:
+        # The patch embedding's conv, and the final linear to patch pixels (proj_out_1 is the
+        # adaLN modulation of the last norm, not the output).
+        return ["pos_embed.proj", "proj_out_2"]
+
     @staticmethod
     def learned_sigma(model: nn.Module) -> bool:
         out = model.config.out_channels or model.config.in_channels

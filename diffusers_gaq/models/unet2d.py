@@ -86,6 +86,10 @@ class UNet2DFamily(ModelFamily):
         return unet_skip_splits(model)
 
     @classmethod
+    def first_last_layers(cls, model: nn.Module) -> list[str]:
+        return ["conv_in", "conv_out"]
+
+    @classmethod
     def forward(cls, model, sample, timestep, conditioning=None):
         labels = (conditioning or {}).get("class_labels")
         if labels is None:

@@ -77,6 +77,10 @@ class UNet2DConditionFamily(ModelFamily):
         return unet_skip_splits(model)
 
     @classmethod
+    def first_last_layers(cls, model: nn.Module) -> list[str]:
+        return ["conv_in", "conv_out"]
+
+    @classmethod
     def conditioning_bytes_per_sample(cls, model):
         return 77 * model.config.cross_attention_dim * 4  # CLIP's 77 tokens, float32
 

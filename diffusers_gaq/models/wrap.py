@@ -3,16 +3,20 @@ units in execution order, and switch quantization on and off."""
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import logging
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..config import GradientAlignedQuantizer
+from ..config import SAME_TAG, GradientAlignedQuantizer, parse_precision
 from ..quant.layers import QuantAttentionCore, QuantConv2d, QuantLayer, QuantLinear
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from .attention import QuantAttnProcessor
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,40 +50,94 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _is_attention(module: nn.Module) -> bool:
+    return hasattr(module, "set_processor") and hasattr(module, "processor")
+
+
+def _pattern_targets(model: nn.Module) -> list[str]:
+    """Names a precision pattern may match: every Conv2d / Linear, and attention modules (their matmuls)."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) or (n and _is_attention(m))]
+
+
+def check_layer_patterns(model: nn.Module, config: GradientAlignedQuantizer, family=None) -> None:
+    """Refuse a layer_precision pattern that matches no layer of ``model`` (a typo would silently
+    quantize the layer at the global bits), naming it with a few layer names as a hint; a keep_fp
+    pattern that matches nothing only gets a warning (older configs may name layers of other models)."""
+    names = _pattern_targets(model)
+    for pattern in config.layer_precision:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            hint = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4) or names[:3] + names[-2:]
+            raise ValueError(f"GradientAlignedQuantizer.layer_precision pattern {pattern!r} matches no Conv2d / Linear "
+                             f"layer or attention module of this {type(model).__name__}; layer names look like "
+                             f"{', '.join(hint)} (fnmatch patterns: '*' matches dots too, e.g. 'down_blocks.0.*')")
+    for pattern in config.keep_fp:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            logger.warning("keep_fp pattern %r matches no layer of this %s", pattern, type(model).__name__)
+
+
+def resolve_precision(name: str, config: GradientAlignedQuantizer, first_last=()) -> tuple[int | None, int | None]:
+    """(weight bits, activation bits) of the module ``name``, None meaning full precision:
+    keep_fp > layer_precision (first matching pattern) > first_last_precision (for names in
+    ``first_last``) > the global weight_bits / act_bits."""
+    if _matches(name, config.keep_fp):
+        return None, None
+    for pattern, tag in config.layer_precision.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return parse_precision(tag)
+    if name in first_last and config.first_last_precision != SAME_TAG:
+        return parse_precision(config.first_last_precision)
+    return config.weight_bits, config.act_bits
+
+
 def wrap_model(model: nn.Module, config: GradientAlignedQuantizer, family) -> WrapReport:
-    """Replace every nn.Conv2d / nn.Linear of ``model`` in place (unless ``config.keep_fp``
-    matches its name) and give attention modules a quantized processor. Quantization starts off."""
+    """Replace every nn.Conv2d / nn.Linear of ``model`` in place by a wrapper with the quantizers
+    its resolved precision asks for (see :func:`resolve_precision`; layers resolved to full
+    precision stay as they are and are listed in ``kept_fp``) and give attention modules a
+    quantized processor. Quantization starts off."""
     if any(isinstance(m, (QuantLayer, QuantAttnProcessor)) for m in model.modules()):
         raise ValueError("this model is already wrapped for quantization; wrap the original full-precision model")
+    check_layer_patterns(model, config, family)
     report = WrapReport()
-    splits = family.skip_splits(model) if config.split_shortcut and config.act_bits else {}
+    splits = family.skip_splits(model) if config.split_shortcut else {}
+    first_last = set(family.first_last_layers(model))
     act_kwargs = dict(symmetric=config.act_symmetric, momentum=config.act_ema_momentum,
                       range_method=act_range_method(config))
     for name, module in list(model.named_modules()):
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
-        if _matches(name, config.keep_fp):
+        weight_bits, act_bits = resolve_precision(name, config, first_last)
+        if weight_bits is None and act_bits is None:
             report.kept_fp.append(name)
             continue
-        wq = WeightQuantizer(config.weight_bits, per_channel=config.weight_granularity == "per_channel",
-                             symmetric=config.weight_symmetric,
-                             init="minmax" if config.method == "minmax" else config.weight_init)
+        wq = None if weight_bits is None else WeightQuantizer(
+            weight_bits, per_channel=config.weight_granularity == "per_channel", symmetric=config.weight_symmetric,
+            init="minmax" if config.method == "minmax" else config.weight_init)
         groups = act_groups_for(name, config)
-        aq = ActQuantizer(config.act_bits, num_groups=groups, **act_kwargs) if config.act_bits else None
+        aq = ActQuantizer(act_bits, num_groups=groups, **act_kwargs) if act_bits else None
         split = splits.get(name)
-        sq = ActQuantizer(config.act_bits, num_groups=groups, **act_kwargs) if (split and aq is not None) else None
+        sq = ActQuantizer(act_bits, num_groups=groups, **act_kwargs) if (split and aq is not None) else None
         cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
         _set_submodule(model, name, cls(module, wq, aq, split_at=split if sq else None, split_quantizer=sq))
-        report.layer_bits[name] = {"weight_bits": config.weight_bits, "act_bits": config.act_bits}
+        report.layer_bits[name] = {"weight_bits": weight_bits, "act_bits": act_bits}
         if sq is not None:
             report.split_layers[name] = split
-    if config.quantize_attention and config.act_bits:
-        for name, module in model.named_modules():
-            if hasattr(module, "set_processor") and hasattr(module, "processor") and not _matches(name, config.keep_fp):
-                core = QuantAttentionCore(config.act_bits, num_groups=act_groups_for(name, config), **act_kwargs)
-                module.set_processor(QuantAttnProcessor(module.processor, core))
-                report.attention.append(name)
+    if config.quantize_attention:
+        _wrap_attention(model, config, report, act_kwargs)
     return report
+
+
+def _wrap_attention(model: nn.Module, config: GradientAlignedQuantizer, report: WrapReport, act_kwargs: dict) -> None:
+    """A quantized core for every attention module whose name resolves to quantized activations."""
+    for name, module in model.named_modules():
+        if not _is_attention(module):
+            continue
+        _, act_bits = resolve_precision(name, config)
+        # A core outside any reconstruction unit would never be calibrated: units are made of wrapped layers.
+        holds_wrapped = any(isinstance(m, QuantLayer) for m in module.modules())
+        if act_bits and holds_wrapped:
+            core = QuantAttentionCore(act_bits, num_groups=act_groups_for(name, config), **act_kwargs)
+            module.set_processor(QuantAttnProcessor(module.processor, core))
+            report.attention.append(name)
 
 
 def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
