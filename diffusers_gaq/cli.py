@@ -59,7 +59,8 @@ def build_config(args):
         "weight_bits": args.weight_bits, "act_bits": args.act_bits, "weighting": args.weighting,
         "method": args.method, "timestep_schedule": args.timestep_schedule, "seed": args.seed,
         "device": args.device, "recon_iters": args.recon_iters, "meta_iters": args.meta_iters,
-        "grad_shards": args.grad_shards,
+        "grad_shards": args.grad_shards, "act_range_init": args.act_range_init,
+        "act_timestep_groups": args.act_timestep_groups,
         "class_labels": args.class_labels, "calibration_prompts": args.prompt, "guidance_scale": args.guidance_scale,
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
@@ -67,6 +68,8 @@ def build_config(args):
         base["layer_precision"] = {**base.get("layer_precision", {}), **_layer_precision(args.layer_precision)}
     if args.first_last_precision is not None:
         base["first_last_precision"] = args.first_last_precision
+    if args.timestep_aware:
+        base["timestep_aware_acts"] = [] if args.timestep_aware == ["none"] else args.timestep_aware
     if args.act_bits is not None and args.act_bits <= 0:
         base["act_bits"] = None  # --act-bits 0: weight-only
     return GradientAlignedQuantizer.from_dict(base)
@@ -335,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--first-last-precision", metavar="TAG",
                    help="precision of the first and last layers (UNets: conv_in, conv_out; DiT: patch embedding, "
                         "output projection): a tag as above, default fp; 'same' treats them like the others")
+    q.add_argument("--act-range-init", choices=["ema", "ema_shuffled", "minmax", "percentile", "mse"],
+                   help="how activation ranges are initialised over the calibration inputs")
+    q.add_argument("--timestep-aware", action="append", metavar="PATTERN",
+                   help="layers (fnmatch on module names) whose input activations get one step size per timestep "
+                        "group; repeat for several; 'none' turns it off")
+    q.add_argument("--act-timestep-groups", type=int, metavar="N",
+                   help="timestep groups of --timestep-aware layers (default: one per calibration timestep)")
     q.add_argument("--budget", choices=sorted(BUDGETS), default="default", help="calibration budget preset")
     q.add_argument("--weighting", choices=["gradient_aligned", "uniform"])
     q.add_argument("--method", choices=["reconstruction", "minmax"])
