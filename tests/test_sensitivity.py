@@ -102,13 +102,24 @@ def test_unsupported_pipeline_refused():
         analyze_sensitivity(object(), _config())
 
 
-def test_image_metric_on_a_conditional_pipeline_refused_before_any_work(monkeypatch):
-    import diffusers_gaq.sensitivity as sensitivity
+@pytest.fixture(scope="module")
+def conditional():
     from diffusers_gaq import ClassConditionalDDIMPipeline
 
     torch.manual_seed(0)
     unet = UNet2DModel(**{**_tiny_unet().config, "num_class_embeds": 3}).eval()
-    conditional = ClassConditionalDDIMPipeline(unet=unet, scheduler=DDIMScheduler(**REFERENCE_SCHEDULER_CONFIG))
+    return ClassConditionalDDIMPipeline(unet=unet, scheduler=DDIMScheduler(**REFERENCE_SCHEDULER_CONFIG))
+
+
+def test_class_conditional_noise_error(conditional):
+    report = analyze_sensitivity(conditional, _config(weight_bits=4), images=False, **RUN)
+    assert {r.kind for r in report.rows} == {"weight", "activation"}
+    assert all(r.noise_mse >= 0 for r in report.rows)
+
+
+def test_image_metric_on_a_conditional_pipeline_refused_before_any_work(conditional, monkeypatch):
+    import diffusers_gaq.sensitivity as sensitivity
+
     monkeypatch.setattr(sensitivity, "collect_calibration_data", lambda *a, **k: pytest.fail("sampling started"))
     with pytest.raises(TypeError, match="images=False"):
         analyze_sensitivity(conditional, _config(), **RUN)
