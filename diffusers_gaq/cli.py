@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, help="folder for sensitivity.json, sensitivity.md, sensitivity.png")
     s.add_argument("--weight-bits", type=int, default=4, help="2-8 (default 4)")
     s.add_argument("--act-bits", type=int, default=8, help="4-16, or 0 for weight rows only (default 8)")
-    s.add_argument("--num-images", type=int, default=8, help="DDIM images per row (default 8)")
+    s.add_argument("--num-images", type=int, default=16, help="DDIM images per row (default 16)")
     s.add_argument("--steps", type=int, default=10, help="DDIM steps of the images and calibration (default 10)")
     s.add_argument("--no-images", action="store_true", help="noise-prediction error only (much faster)")
     s.add_argument("--top", type=int, default=20, help="layers in the printed table and the plot (default 20)")

@@ -95,17 +95,19 @@ class SensitivityReport:
         return cls([SensitivityRow(**r) for r in data["rows"]], data.get("settings", {}))
 
     def to_markdown(self, top: int | None = None) -> str:
-        """A table of the ``top`` most sensitive layers (all when None), weight and activation side by side."""
+        """A table of the ``top`` most sensitive layers (all when None), weight (W) and activation (A)
+        side by side, ranked by each layer's worst image MSE (noise MSE without images)."""
         images = any(r.mse is not None for r in self.rows)
-        head = ["rank", "layer", "W noise MSE", "A noise MSE"]
+        columns = [("noise MSE", "noise_mse", ".3g")]
         if images:
-            head += ["W PSNR dB", "A PSNR dB"]
+            columns = [("image MSE", "mse", ".3g"), ("PSNR dB", "psnr_db", ".2f")] + columns
+        head = ["rank", "layer"] + [f"{k} {label}" for label, _, _ in columns for k in ("W", "A")]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for rank, (layer, kinds) in enumerate(self.by_layer()[:top], 1):
-            w, a = kinds.get("weight"), kinds.get("activation")
-            cells = [str(rank), f"`{layer}`", _fmt(w and w.noise_mse, ".3g"), _fmt(a and a.noise_mse, ".3g")]
-            if images:
-                cells += [_fmt(w and w.psnr_db, ".2f"), _fmt(a and a.psnr_db, ".2f")]
+            cells = [str(rank), f"`{layer}`"]
+            for _, attr, spec in columns:
+                for kind in KINDS:
+                    cells.append(_fmt(getattr(kinds[kind], attr) if kind in kinds else None, spec))
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
