@@ -123,13 +123,15 @@ class SensitivityReport:
         fig = _new_figure(7.0, 0.28 * len(chosen) + 1.4)
         ax = fig.add_subplot()
         ys = np.arange(len(chosen))
-        floor = min(r.damage for _, kinds in chosen for r in kinds.values() if r.damage > 0) / 10 \
-            if any(r.damage > 0 for _, k in chosen for r in k.values()) else 1e-12
-        for offset, kind, color in ((-0.2, "weight", "tab:blue"), (0.2, "activation", "tab:orange")):
-            # A layer without this kind (attention cores have no weights) gets no bar; zero damage a stub.
+        # A log axis cannot show zero: zero damage is drawn as a stub a decade below the smallest bar.
+        positive = [r.damage for _, kinds in chosen for r in kinds.values() if r.damage > 0]
+        floor = min(positive) / 10 if positive else 1e-12
+        for offset, kind, color, bits in ((-0.2, "weight", "tab:blue", self.settings.get("weight_bits")),
+                                          (0.2, "activation", "tab:orange", self.settings.get("act_bits"))):
+            # A layer without this kind (attention cores have no weights) gets no bar.
             values = [max(kinds[kind].damage, floor) if kind in kinds else np.nan for _, kinds in chosen]
-            bits = self.settings.get(f"{'weight' if kind == 'weight' else 'act'}_bits")
-            ax.barh(ys + offset, values, height=0.4, color=color, label=f"{kind} only" + (f" ({bits}-bit)" if bits else ""))
+            label = f"{kind} only" + (f" ({bits}-bit)" if bits else "")
+            ax.barh(ys + offset, values, height=0.4, color=color, label=label)
         ax.set_xscale("log")
         ax.set_yticks(ys, [layer for layer, _ in chosen], fontsize=7)
         ax.invert_yaxis()  # most sensitive on top
@@ -161,16 +163,20 @@ def analyze_sensitivity(pipe, config: GradientAlignedQuantizer | None = None, *,
     config = config or GradientAlignedQuantizer()
     config.validate()
     family, component, fp_model = denoiser_of(pipe)
+    # Everything that can be refused is refused here, before any copy or sampling.
     _check_arguments(pipe, num_images, num_inference_steps, images)
     device = resolve_device(config.device)
+    if calibration_data is not None:
+        c, h, w = family.sample_shape(fp_model)
+        calibration_data.check(c, (h, w))
+    sampling_config = _calibration_config(config, num_inference_steps)
     start = time.perf_counter()
 
     model = copy.deepcopy(fp_model).to(device).eval().requires_grad_(False)
     if calibration_data is None:
-        calibration_data = _sample_calibration_data(pipe, model, family, config, num_inference_steps, device, progress)
-    else:
-        c, h, w = family.sample_shape(model)
-        calibration_data.check(c, (h, w))
+        conditioning = family.calibration_conditioning(pipe, model, sampling_config, device)
+        calibration_data = collect_calibration_data(model, pipe.scheduler.config, family, sampling_config, device,
+                                                    progress, conditioning=conditioning)
     wrap = wrap_model(model, config, family)
     _harden_weights_to_nearest(model)
     _calibrate_activations(model, family, calibration_data, config.recon_batch_size, device)
@@ -204,16 +210,12 @@ def _check_arguments(pipe, num_images: int, num_inference_steps: int, images: bo
                             "pass images=False (CLI: --no-images) to measure the noise error alone") from None
 
 
-def _sample_calibration_data(pipe, model, family, config, num_inference_steps, device, progress) -> CalibrationData:
-    """The FP model's own DDIM trajectories, as long as the analysis samples (so the noise error is
-    measured at the timesteps the images go through)."""
+def _calibration_config(config: GradientAlignedQuantizer, num_inference_steps: int) -> GradientAlignedQuantizer:
+    """The calibration trajectories are as long as the analysis samples, so the noise error is
+    measured at the timesteps the images go through (and sampling stays cheap)."""
     steps = min(config.num_calibration_timesteps, num_inference_steps)
-    short = config.replace(num_inference_steps=num_inference_steps, num_calibration_timesteps=steps,
-                           num_groups=min(config.num_groups, steps))
-    short.validate()
-    conditioning = family.calibration_conditioning(pipe, model, short, device)
-    return collect_calibration_data(model, pipe.scheduler.config, family, short, device, progress,
-                                    conditioning=conditioning)
+    return config.replace(num_inference_steps=num_inference_steps, num_calibration_timesteps=steps,
+                          num_groups=min(config.num_groups, steps))  # replace() validates
 
 
 @torch.no_grad()
