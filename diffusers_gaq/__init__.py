@@ -5,9 +5,10 @@ from .models.quantized import (QuantizedDiTTransformer2DModel, QuantizedTransfor
                                QuantizedUNet2DConditionModel, QuantizedUNet2DModel)
 from .pipeline import quantize_pipeline
 from .pipelines import ClassConditionalDDIMPipeline
+from .sensitivity import analyze_sensitivity
 
 __version__ = "0.1.0"
 
 __all__ = ["ClassConditionalDDIMPipeline", "GradientAlignedQuantizer", "QuantizedDiTTransformer2DModel",
-           "QuantizedTransformer2DModel", "QuantizedUNet2DConditionModel", "QuantizedUNet2DModel", "quantize_pipeline",
-           "__version__"]
+           "QuantizedTransformer2DModel", "QuantizedUNet2DConditionModel", "QuantizedUNet2DModel", "analyze_sensitivity",
+           "quantize_pipeline", "__version__"]

@@ -5,6 +5,7 @@
     diffusers-gaq push out/w4a8 me/ddpm-w4a8 --private
     diffusers-gaq info out/w4a8
     diffusers-gaq demo --output out/demo
+    diffusers-gaq sensitivity reference --weight-bits 4 --act-bits 8 --output out/sens
 
 Errors end with a one-line message and a non-zero exit code (add --verbose for the traceback).
 """
@@ -319,6 +320,31 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_sensitivity(args) -> int:
+    """Per-layer damage of quantizing one layer alone; writes sensitivity.json / .md / .png."""
+    from .config import GradientAlignedQuantizer
+    from .sensitivity import analyze_sensitivity
+    from .utils import atomic_write_text
+
+    act_bits = args.act_bits if args.act_bits > 0 else None  # 0: weight rows only
+    config = GradientAlignedQuantizer(weight_bits=args.weight_bits, act_bits=act_bits, seed=args.seed,
+                                      device=args.device, **BUDGETS[args.budget])
+    if args.top < 1:
+        raise CLIError(f"--top must be >= 1, got {args.top}")
+    out = Path(args.output)
+    _check_output(out, overwrite=True)  # the three files are replaced; other files in the folder stay
+    _check_model_id(args.model)
+    pipe = load_pipeline(args.model)
+    report = analyze_sensitivity(pipe, config, num_images=args.num_images, num_inference_steps=args.steps,
+                                 seed=args.seed, images=not args.no_images, progress=not args.quiet)
+    report.to_json(out / "sensitivity.json")
+    atomic_write_text(out / "sensitivity.md", f"# Per-layer sensitivity {config.tag}\n\n{report.to_markdown()}")
+    report.plot(out / "sensitivity.png", top=args.top)
+    print(report.to_markdown(top=args.top), end="")
+    print(f"{len(report.rows)} rows in {report.settings['seconds']:.0f}s -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusers-gaq", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -407,6 +433,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-inference-steps", type=int, default=50)
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("sensitivity", help="per-layer damage when only that layer is quantized")
+    s.add_argument("model", help="'reference', a local pipeline folder, or a Hub id")
+    s.add_argument("--output", required=True, help="folder for sensitivity.json, sensitivity.md, sensitivity.png")
+    s.add_argument("--weight-bits", type=int, default=4, help="2-8 (default 4)")
+    s.add_argument("--act-bits", type=int, default=8, help="4-16, or 0 for weight rows only (default 8)")
+    s.add_argument("--num-images", type=int, default=16, help="DDIM images per row (default 16)")
+    s.add_argument("--steps", type=int, default=10, help="DDIM steps of the images and calibration (default 10)")
+    s.add_argument("--no-images", action="store_true", help="noise-prediction error only (much faster)")
+    s.add_argument("--top", type=int, default=20, help="layers in the printed table and the plot (default 20)")
+    s.add_argument("--budget", choices=["tiny", "demo"], default="tiny", help="calibration data budget")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_sensitivity)
     return parser
 
 
