@@ -128,9 +128,16 @@ def _calibration_rows(config) -> list[tuple[str, str]]:
         ("weight quantizer", f"{config.weight_granularity}, {weight_symmetry}, {config.weight_init} init"),
     ]
     if config.quantizes_activations:  # globally or by a per-layer tag
-        act = (f"{'symmetric' if config.act_symmetric else 'asymmetric'}, EMA init (momentum {config.act_ema_momentum})"
+        init = {"ema": f"EMA of min/max in timestep order (momentum {config.act_ema_momentum})",
+                "ema_shuffled": f"EMA of min/max over shuffled batches (momentum {config.act_ema_momentum})",
+                "minmax": "min/max over the calibration set", "percentile": "0.01 / 99.99 percentiles",
+                "mse": "MSE-searched clipping range"}[config.act_range_init]
+        act = (f"{'symmetric' if config.act_symmetric else 'asymmetric'}, range init: {init}"
                + (", learned step (LSQ)" if config.learn_act_scale else ""))
         rows.append(("activation quantizer", act))
+        if config.timestep_aware_acts:
+            rows.append(("timestep-aware activations", f"{config.num_act_timestep_groups} step sizes (timestep "
+                         f"groups) for layers matching {', '.join(f'`{p}`' for p in config.timestep_aware_acts)}"))
     if config.method == "reconstruction":
         rows.append(("reconstruction iterations", f"{config.recon_iters} per block (batch {config.recon_batch_size})"))
     if config.method == "reconstruction" and config.weighting == "gradient_aligned":
