@@ -26,10 +26,11 @@ BUDGETS = {
     "tiny": dict(num_inference_steps=10, num_calibration_timesteps=5, samples_per_timestep=8, recon_iters=5,
                  recon_batch_size=8, meta_iters=1, meta_batch_size=8, val_fraction=0.2),
     "demo": dict(num_inference_steps=50, num_calibration_timesteps=10, samples_per_timestep=24, recon_iters=80,
-                 recon_batch_size=32, meta_iters=8, meta_batch_size=32),
+                 recon_batch_size=32, meta_iters=8, meta_batch_size=32, weight_lr=0.1),
     "default": {},
+    # Q-Diffusion's scale and AdaRound learning rate (docs/benchmarks.md: reconstruction curve).
     "paper": dict(num_inference_steps=100, num_calibration_timesteps=20, samples_per_timestep=256, recon_iters=20000,
-                  recon_batch_size=32, meta_iters=2000),
+                  recon_batch_size=32, meta_iters=2000, weight_lr=1e-3),
 }
 
 REFERENCE = "reference"

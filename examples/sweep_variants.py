@@ -35,8 +35,20 @@ def parse_bits(tag: str) -> tuple[int, int | None]:
     return int(w), (None if int(a) >= 32 else int(a))
 
 
+def report(paths: list[str]) -> None:
+    """The rows of one or more JSONL files as a markdown table, in the order they were run."""
+    print("| bits | base | variant | overrides | PSNR vs FP (dB) | summed block loss | calibration (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            r = json.loads(line)
+            print(f"| {r['bits']} | `{r['base']}` | {r['label']} | `{r['overrides']}` | {r['psnr_db']:.2f} | "
+                  f"{r['loss_final_sum']:.3f} | {r['calibration_seconds']:.0f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--report", help="comma-separated JSONL files: print their rows as a table and exit")
     p.add_argument("--bits", default="w8a8")
     p.add_argument("--seeds", default="0")
     p.add_argument("--budget", default="demo", choices=sorted(BUDGETS))
@@ -47,6 +59,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jsonl", default=str(ROOT / "runs" / "sweep.jsonl"))
     args = p.parse_args()
+    if args.report:
+        return report(args.report.split(","))
     torch.set_num_threads(args.threads)
     out = Path(args.jsonl)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,8 @@ def test_defaults_validate_and_match_the_design():
     assert (cfg.beta_start, cfg.beta_end) == (20.0, 2.0)
     assert cfg.tau == 1.0 and cfg.num_groups == 5 and cfg.val_fraction == 0.05
     assert cfg.weighting == "gradient_aligned" and cfg.method == "reconstruction"
+    # Engine policy measured in docs/benchmarks.md (issue 12).
+    assert cfg.first_last_precision == "fp" and cfg.act_range_init == "percentile" and not cfg.timestep_aware_acts
     assert cfg.tag == "w4a8" and GradientAlignedQuantizer(act_bits=None).tag == "w4a32"
     assert CONFIG_NAME == "quantization_config.json"
 
@@ -130,7 +132,7 @@ def test_device_string_is_validated():
 
 NON_DEFAULT = dict(weight_bits=3, act_bits=None, weight_granularity="per_tensor", weight_symmetric=True,
                    weight_init="minmax", act_symmetric=True, act_ema_momentum=0.9, learn_act_scale=False,
-                   act_range_init="percentile", timestep_aware_acts=("conv_in", "*time_emb_proj"), act_timestep_groups=4,
+                   act_range_init="mse", timestep_aware_acts=("conv_in", "*time_emb_proj"), act_timestep_groups=4,
                    split_shortcut=False, quantize_attention=False, keep_fp=("conv_out", "time_embedding.*"),
                    layer_precision={"up_blocks.*": "w8", "down_blocks.0.*": "a8", "mid_block.*": "fp"},
                    first_last_precision="w8a16", num_inference_steps=100, num_calibration_timesteps=20, samples_per_timestep=3,
