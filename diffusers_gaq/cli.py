@@ -25,7 +25,7 @@ logger = logging.getLogger("diffusers_gaq")
 BUDGETS = {
     "tiny": dict(num_inference_steps=10, num_calibration_timesteps=5, samples_per_timestep=8, recon_iters=5,
                  recon_batch_size=8, meta_iters=1, meta_batch_size=8, val_fraction=0.2),
-    "demo": dict(num_inference_steps=50, num_calibration_timesteps=10, samples_per_timestep=24, recon_iters=80,
+    "demo": dict(num_inference_steps=50, num_calibration_timesteps=10, samples_per_timestep=24, recon_iters=160,
                  recon_batch_size=32, meta_iters=8, meta_batch_size=32, weight_lr=0.1),
     "default": {},
     # Q-Diffusion's scale and AdaRound learning rate (docs/benchmarks.md: reconstruction curve).
