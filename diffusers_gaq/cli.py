@@ -265,6 +265,10 @@ def cmd_info(args) -> int:
     print(f"bits/weight:  {storage.bits_per_weight:.2f} effective ({storage.quantized_weights} quantized weights in "
           f"{storage.packed_bytes / 2**20:.2f} MiB of packed codes, {storage.fp_weights} weights in full precision)")
     print(f"weights file: {size / 2**20:.2f} MiB")
+    print(f"activations:  ranges by {cfg.get('act_range_init', 'ema')}" + (
+        f", timestep-aware ({len(qcfg['timestep_groups']['timesteps'])} calibrated timesteps in "
+        f"{max(qcfg['timestep_groups']['groups']) + 1} groups) for {', '.join(cfg['timestep_aware_acts'])}"
+        if qcfg.get("timestep_groups") else ""))
     print(f"calibration:  {cfg['num_calibration_timesteps']} timesteps x {cfg['samples_per_timestep']} samples "
           f"({cfg['timestep_schedule']}), {cfg['recon_iters']} reconstruction / {cfg['meta_iters']} meta iterations, "
           f"seed {cfg['seed']}")

@@ -182,3 +182,15 @@ def test_config_refuses_bad_timestep_settings():
         GradientAlignedQuantizer(act_range_init="max")
     c = GradientAlignedQuantizer(timestep_aware_acts=["conv_in"], act_timestep_groups=2)
     assert GradientAlignedQuantizer.from_dict(c.to_dict()) == c
+
+
+def test_info_and_card_name_the_timestep_aware_layers(quantized, tmp_path, capsys):
+    from diffusers_gaq.cli import main
+
+    _, qpipe = quantized
+    qpipe.unet.save_pretrained(tmp_path / "q")
+    assert main(["info", str(tmp_path / "q")]) == 0
+    out = capsys.readouterr().out
+    assert "timestep-aware (3 calibrated timesteps in 3 groups)" in out and "*time_emb_proj" in out
+    card = (tmp_path / "q" / "README.md").read_text()
+    assert "timestep-aware activations" in card and "`conv_in`" in card
