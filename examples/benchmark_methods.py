@@ -238,6 +238,42 @@ def report(args) -> None:
         print(f"plot: {args.plot}")
 
 
+# Student-t 0.975 quantiles for 1..30 degrees of freedom, then the normal's (no scipy in the venv).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042, 1.96)
+
+
+def paired_interval(diffs) -> tuple[float, float, float]:
+    """Mean of paired differences and its two-sided 95 % Student-t interval."""
+    d = np.asarray(diffs, dtype=float)
+    mean = float(d.mean())
+    if len(d) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(T975[min(len(d) - 1, len(T975)) - 1] * d.std(ddof=1) / np.sqrt(len(d)))
+    return mean, mean - half, mean + half
+
+
+def paired(args) -> None:
+    """Method B minus method A, seed by seed (the same calibration data per seed), per bit width:
+    FID-ref and PSNR differences with 95 % intervals, and B's excess over FP relative to A's."""
+    rows = [r for path in args.jsonl.split(",") for r in load_rows(Path(path))]
+    rows = [r for r in rows if r["num_images"] == args.num_images and r.get("variant", "") == args.variant]
+    fp = next((r["fid_ref"] for r in rows if r["method"] == "fp"), None)
+    by = {(r["method"], r["bits"], r["seed"]): r for r in rows}
+    print(f"| bits | seeds | {args.b} - {args.a}: FID-ref (95 % CI) | PSNR dB (95 % CI) | excess ratio (mean) |")
+    print("|---|---|---|---|---|")
+    for bits in sorted({r["bits"] for r in rows if r["method"] == args.a}):
+        seeds = sorted(s for (m, b, s) in by if m == args.a and b == bits and (args.b, bits, s) in by)
+        if not seeds:
+            continue
+        a, b = [by[(args.a, bits, s)] for s in seeds], [by[(args.b, bits, s)] for s in seeds]
+        fid = paired_interval([y["fid_ref"] - x["fid_ref"] for x, y in zip(a, b)])
+        psnr = paired_interval([y["psnr_db"] - x["psnr_db"] for x, y in zip(a, b)])
+        ratio = (np.mean([y["fid_ref"] - fp for y in b]) / np.mean([x["fid_ref"] - fp for x in a])) if fp else float("nan")
+        print(f"| {bits} | {len(seeds)} | {fid[0]:+.2f} ({fid[1]:+.2f}, {fid[2]:+.2f}) | "
+              f"{psnr[0]:+.2f} ({psnr[1]:+.2f}, {psnr[2]:+.2f}) | {ratio:.2f} |")
+
+
 def ablations(args) -> None:
     """One row per ablation variant (and the default gradient-aligned / uniform rows of the same bits
     and seed): FID-ref, its excess over FP against uniform's, PSNR, calibration and meta-step time,
@@ -291,8 +327,14 @@ def main() -> None:
     ab.add_argument("--bits", default="w4a8")
     ab.add_argument("--seed", type=int, default=0)
     ab.add_argument("--num-images", type=int, default=500)
+    pr = sub.add_parser("paired", help="method B minus method A per seed, with 95 % intervals")
+    pr.add_argument("--jsonl", default=str(ROOT / "runs" / "benchmark.jsonl"), help="comma-separated JSONL files")
+    pr.add_argument("--a", default="uniform")
+    pr.add_argument("--b", default="gradient_aligned")
+    pr.add_argument("--variant", default="")
+    pr.add_argument("--num-images", type=int, default=1000)
     args = p.parse_args()
-    {"run": run, "report": report, "ablations": ablations}[args.cmd](args)
+    {"run": run, "report": report, "ablations": ablations, "paired": paired}[args.cmd](args)
 
 
 if __name__ == "__main__":
