@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint_checks as checks
 from .config import CONFIG_NAME, FP_TAG, GradientAlignedQuantizer, precision_tag, sorted_fields
 from .quant.layers import QuantLayer
 from .quant.quantizers import ActQuantizer
@@ -34,7 +35,9 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 MODEL_CONFIG_NAME = "config.json"
 REPORT_TENSORS = "calibration_report.safetensors"
 REPORT_JSON = "calibration_report.json"
-FORMAT_VERSION = 1
+# 2: quantization_config.json records weights_sha256, the digest of the weights file's tensors.
+# Version 1 checkpoints (no digest) still load.
+FORMAT_VERSION = 2
 PACKED_SUFFIX = ".weight_packed"
 
 
@@ -93,7 +96,9 @@ def quantized_state_dict(model) -> dict[str, torch.Tensor]:
             state.pop(f"{name}.{key}")
     if acts:
         # One value per quantizer, or one per timestep group for timestep-aware ones, concatenated.
-        state[ACT_SCALES_KEY] = torch.cat([q.scale.detach().float().flatten() for _, q in acts])
+        # |s|: the quantizer computes with |s| (LSQ may step through zero), so the stored step is
+        # positive and a load can refuse a negative one as damage.
+        state[ACT_SCALES_KEY] = torch.cat([q.scale.detach().float().abs().flatten() for _, q in acts])
         state[ACT_ZEROS_KEY] = torch.cat([q.zero_point.detach().float().flatten() for _, q in acts])
     for key, value in state.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
@@ -103,33 +108,40 @@ def quantized_state_dict(model) -> dict[str, torch.Tensor]:
 
 def _restore_quantizers(model, state: dict, table: dict, per_channel: bool, weights_path: Path) -> None:
     """Inverse of quantized_state_dict's flattening: put codes, scales and zero points back into the
-    freshly wrapped ``model`` and the per-module entries back into ``state``."""
+    freshly wrapped ``model`` and the per-module entries back into ``state``, checking every value
+    on the way (the table itself was checked against the model by checks.verify_layer_table)."""
+    _restore_weight_quantizers(model, state, table, per_channel, weights_path)
+    _restore_act_quantizers(model, state, weights_path)
+
+
+def _restore_weight_quantizers(model, state: dict, table: dict, per_channel: bool, weights_path: Path) -> None:
+    layers = _quant_layers(model)
+    if not layers:
+        return
+    need_codes = sum(packed_nbytes(m.layer.weight.numel(), table[n]["weight_bits"]) for n, m in layers)
+    need_scales = sum(m.layer.weight.shape[0] if per_channel else 1 for _, m in layers)
+    blob = checks.verify_flat_tensor(state, CODES_KEY, weights_path, dtype=torch.uint8)
+    if len(blob) != need_codes:
+        raise CheckpointError(f"{weights_path}: {CODES_KEY} holds {len(blob)} bytes, but the layers in {CONFIG_NAME} "
+                              f"need {need_codes}; the bit widths in {CONFIG_NAME} disagree with the tensors: "
+                              "restore the folder from the original save")
+    scales = checks.verify_flat_tensor(state, WEIGHT_SCALES_KEY, weights_path, length=need_scales)
+    zeros = checks.verify_flat_tensor(state, WEIGHT_ZEROS_KEY, weights_path, length=need_scales)
     for key in (CODES_KEY, WEIGHT_SCALES_KEY, WEIGHT_ZEROS_KEY):
-        if key not in state and _quant_layers(model):
-            raise CheckpointError(f"{weights_path}: tensor {key} is missing")
-    blob = state.pop(CODES_KEY, torch.zeros(0, dtype=torch.uint8))
-    scales, zeros = state.pop(WEIGHT_SCALES_KEY, None), state.pop(WEIGHT_ZEROS_KEY, None)
+        state.pop(key)
     at_code = at_scale = 0
-    for name, layer in _quant_layers(model):
-        entry = table.get(name)
-        if entry is None:
-            raise CheckpointError(f"{weights_path.parent / CONFIG_NAME}: no entry for quantized layer {name}")
-        bits, shape = entry["weight_bits"], tuple(layer.layer.weight.shape)
-        if entry.get("weight_shape") is not None and entry["weight_shape"] != list(shape):
-            raise CheckpointError(f"{weights_path.parent / CONFIG_NAME}: layer {name} is recorded with weight shape "
-                                  f"{entry['weight_shape']}, but the model built from {MODEL_CONFIG_NAME} has "
-                                  f"{list(shape)}; the two files disagree (edited, or from different checkpoints)")
+    for name, layer in layers:
+        bits, shape = table[name]["weight_bits"], tuple(layer.layer.weight.shape)
         need = packed_nbytes(int(torch.tensor(shape).prod()), bits)
-        stored = entry.get("codes_nbytes", need)
-        if stored != need or at_code + need > len(blob):
-            raise CheckpointError(f"{weights_path}: {name}{PACKED_SUFFIX} holds {stored} bytes but {bits}-bit codes of "
-                                  f"shape {shape} need {need}; the bit widths in {CONFIG_NAME} disagree with the tensors")
+        k = shape[0] if per_channel else 1
         wq = layer.weight_quantizer
         wq.bits = bits  # per-layer bit widths may differ from the default
         codes = unpack_bits(blob[at_code : at_code + need], bits, shape)
-        k = shape[0] if per_channel else 1
+        checks.verify_codes(codes, bits, weights_path, f"{name}{PACKED_SUFFIX}")
         scale = scales[at_scale : at_scale + k].clone()
         zp = zeros[at_scale : at_scale + k].float()
+        checks.verify_scales(scale, weights_path, f"{WEIGHT_SCALES_KEY} (layer {name})")
+        checks.verify_zero_points(zp, bits, weights_path, f"{WEIGHT_ZEROS_KEY} (layer {name})")
         if not per_channel:
             scale, zp = scale.reshape(()), zp.reshape(())
         at_code, at_scale = at_code + need, at_scale + k
@@ -139,26 +151,28 @@ def _restore_quantizers(model, state: dict, table: dict, per_channel: bool, weig
         state[f"{name}.weight_quantizer.codes"] = wq.codes
         state[f"{name}.weight_quantizer.scale"] = scale
         state[f"{name}.weight_quantizer.zero_point"] = zp
-    if at_code != len(blob) or (scales is not None and at_scale != len(scales)):
-        raise CheckpointError(f"{weights_path}: {CODES_KEY} holds {len(blob)} bytes and {WEIGHT_SCALES_KEY} "
-                              f"{0 if scales is None else len(scales)} scales, but the layers in {CONFIG_NAME} need "
-                              f"{at_code} and {at_scale}; the bit widths in {CONFIG_NAME} disagree with the tensors")
+
+
+def _restore_act_quantizers(model, state: dict, weights_path: Path) -> None:
     acts = _act_quantizers(model)
-    if acts:
-        need = sum(q.scale.numel() for _, q in acts)
-        if ACT_SCALES_KEY not in state or len(state[ACT_SCALES_KEY]) != need:
-            raise CheckpointError(f"{weights_path}: expected {need} activation step sizes in {ACT_SCALES_KEY} "
-                                  f"({len(acts)} quantizers), found {len(state.get(ACT_SCALES_KEY, []))}")
-        act_scales, act_zeros = state.pop(ACT_SCALES_KEY), state.pop(ACT_ZEROS_KEY)
-        at = 0
-        for name, q in acts:
-            k, shape = q.scale.numel(), q.scale.shape
-            state[f"{name}.scale"] = act_scales[at : at + k].reshape(shape)
-            state[f"{name}.zero_point"] = act_zeros[at : at + k].reshape(shape)
-            state[f"{name}.initialized"] = torch.tensor(True)
-            state[f"{name}.running_min"] = torch.full(shape, float("inf"))
-            state[f"{name}.running_max"] = torch.full(shape, float("-inf"))
-            at += k
+    if not acts:
+        return
+    need = sum(q.scale.numel() for _, q in acts)  # timestep-aware quantizers hold one per group
+    act_scales = checks.verify_flat_tensor(state, ACT_SCALES_KEY, weights_path, length=need)
+    act_zeros = checks.verify_flat_tensor(state, ACT_ZEROS_KEY, weights_path, length=need)
+    state.pop(ACT_SCALES_KEY), state.pop(ACT_ZEROS_KEY)
+    at = 0
+    for name, q in acts:
+        k, shape = q.scale.numel(), q.scale.shape
+        scale, zp = act_scales[at : at + k], act_zeros[at : at + k]
+        checks.verify_scales(scale, weights_path, f"{ACT_SCALES_KEY} (activation quantizer {name})")
+        checks.verify_zero_points(zp, q.bits, weights_path, f"{ACT_ZEROS_KEY} (activation quantizer {name})")
+        state[f"{name}.scale"] = scale.reshape(shape)
+        state[f"{name}.zero_point"] = zp.reshape(shape)
+        state[f"{name}.initialized"] = torch.tensor(True)
+        state[f"{name}.running_min"] = torch.full(shape, float("inf"))
+        state[f"{name}.running_max"] = torch.full(shape, float("-inf"))
+        at += k
 
 
 def layer_table(model) -> dict[str, dict]:
@@ -296,6 +310,7 @@ def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool 
             "base_model": getattr(model, "gaq_base_model", None),
             "kept_fp": list(wrap.kept_fp) if wrap else [],
             "attention": list(wrap.attention) if wrap else [],
+            checks.DIGEST_FIELD: checks.weights_digest(state),  # verified at load: catches a flipped byte
         }
         groups = getattr(model, "gaq_timestep_groups", None)
         if groups is not None:
@@ -317,8 +332,9 @@ def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool 
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON file whose top level is an object (anything else is damage), as a dict."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return checks.verify_json_object(json.loads(path.read_text(encoding="utf-8")), path)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing: {path.parent} is not a diffusers-gaq checkpoint "
                               "(expected config.json, quantization_config.json and diffusion_pytorch_model.safetensors)") from None
@@ -353,11 +369,81 @@ def resolve_checkpoint(path_or_repo: str | os.PathLike, **hub_kwargs) -> Path:
     return Path(snapshot_download(str(path_or_repo), allow_patterns=allowed, **hub_kwargs))
 
 
-def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device | None = None, **hub_kwargs):
-    """Rebuild a quantized model that computes bit-identically to the one that was saved."""
+def _read_quantization_config(folder: Path) -> dict:
+    path = folder / CONFIG_NAME
+    qcfg = checks.verify_quantization_config(_read_json(path), path, FORMAT_VERSION)
+    if checks.DIGEST_FIELD not in qcfg:
+        logger.debug("%s has no %s (format version %s): the weights are loaded without a digest check",
+                     path, checks.DIGEST_FIELD, qcfg.get("format_version", 0))
+    return qcfg
+
+
+def _saved_quantizer_config(qcfg: dict, path: Path) -> GradientAlignedQuantizer:
+    saved_config = dict(qcfg["config"])
+    # Checkpoints from before per-layer precision quantized the first and last layers like the rest.
+    saved_config.setdefault("first_last_precision", "same")
+    try:
+        return GradientAlignedQuantizer.from_dict(saved_config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: field config (the quantizer settings) is invalid ({e}); the file was edited "
+                              "or is damaged: restore it from the original save") from None
+
+
+def _build_base_model(qcfg: dict, folder: Path):
+    """The saved base class, built from config.json with random weights (they are all overwritten)."""
+    import diffusers
+
+    model_cfg_path = folder / MODEL_CONFIG_NAME
+    model_cfg = _read_json(model_cfg_path)
+    base_name = qcfg.get("base_class", model_cfg.get("_class_name"))
+    base = getattr(diffusers, base_name, None) if isinstance(base_name, str) else None
+    if not isinstance(base, type) or not hasattr(base, "from_config"):
+        raise CheckpointError(f"{folder / CONFIG_NAME}: unknown base class {base_name!r}")
+    try:
+        model = base.from_config(model_cfg)
+        if type(model) is not base:
+            # from_config remaps some legacy classes (Transformer2DModel with ada_norm_zero -> DiTTransformer2DModel);
+            # the checkpoint's layer table is the saved class's, so build exactly that one.
+            init_kwargs, _, _ = base.extract_init_dict(model_cfg)
+            model = base(**init_kwargs)
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"{model_cfg_path}: cannot build a {base_name} from it ({type(e).__name__}: {e}); the "
+                              "file was edited or is damaged: restore it from the original save") from None
+    return model.eval().requires_grad_(False)
+
+
+def _read_weights(weights_path: Path, qcfg: dict) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path} is missing")
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights_path} cannot be read ({e}); the file is truncated or corrupt") from None
+    checks.verify_digest(state, qcfg.get(checks.DIGEST_FIELD), weights_path, CONFIG_NAME)
+    return state
+
+
+def _read_optional_report(folder: Path):
+    """The calibration report, or None: it only documents the run, so a damaged one costs a warning,
+    never the model."""
+    if not (folder / REPORT_TENSORS).is_file():
+        return None
+    from .calibration.report_io import report_from_files
+
+    try:
+        return report_from_files(folder / REPORT_TENSORS, folder / REPORT_JSON)
+    except Exception as e:  # noqa: BLE001 - whatever the damage, the model itself is intact
+        logger.warning("skipped the calibration report %s / %s: it cannot be read (%s: %s); the model loads "
+                       "without it (gaq_report is None)", folder / REPORT_TENSORS, REPORT_JSON, type(e).__name__, e)
+        return None
+
+
+def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device | None = None, **hub_kwargs):
+    """Rebuild a quantized model that computes bit-identically to the one that was saved. Everything
+    read is verified (checkpoint_checks.py); a checkpoint that disagrees with itself raises CheckpointError."""
     from .models import family_for
     from .models.quantized import mark_quantized
     from .models.timestep_groups import TimestepGroups, install_timestep_groups
@@ -365,60 +451,41 @@ def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device |
     from .quant.quantizers import has_timestep_aware
 
     folder = resolve_checkpoint(path_or_repo, **hub_kwargs)
-    qcfg = _read_json(folder / CONFIG_NAME)
-    if qcfg.get("quant_method") != "gaq":
-        raise CheckpointError(f"{folder / CONFIG_NAME}: quant_method is {qcfg.get('quant_method')!r}, not 'gaq'; "
-                              "this is not a diffusers-gaq checkpoint")
-    if qcfg.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: format version {qcfg['format_version']} is newer than this "
-                              f"diffusers-gaq understands ({FORMAT_VERSION}); upgrade diffusers-gaq")
-    saved_config = dict(qcfg["config"])
-    # Checkpoints from before per-layer precision quantized the first and last layers like the rest.
-    saved_config.setdefault("first_last_precision", "same")
-    config = GradientAlignedQuantizer.from_dict(saved_config)
-    model_cfg = _read_json(folder / MODEL_CONFIG_NAME)
-    import diffusers
-
-    base_name = qcfg.get("base_class", model_cfg.get("_class_name"))
-    base = getattr(diffusers, base_name, None)
-    if base is None:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: unknown base class {base_name!r}")
-    model = base.from_config(model_cfg)
-    if type(model) is not base:
-        # from_config remaps some legacy classes (Transformer2DModel with ada_norm_zero -> DiTTransformer2DModel);
-        # the checkpoint's layer table is the saved class's, so build exactly that one.
-        init_kwargs, _, _ = base.extract_init_dict(model_cfg)
-        model = base(**init_kwargs)
-    model = model.eval().requires_grad_(False)
+    qcfg = _read_quantization_config(folder)
+    config = _saved_quantizer_config(qcfg, folder / CONFIG_NAME)
+    model = _build_base_model(qcfg, folder)
     family = family_for(model)
-    wrap = wrap_model(model, config, family)
+    try:
+        wrap = wrap_model(model, config, family)
+    except ValueError as e:  # a layer_precision pattern that matches no layer of this model
+        raise CheckpointError(f"{folder / CONFIG_NAME}: field config does not fit the model in "
+                              f"{MODEL_CONFIG_NAME} ({e}): restore the files from the original save") from None
     wrap.kept_fp = list(qcfg.get("kept_fp", wrap.kept_fp))
+    table = qcfg.get("layers", {})
+    # The rebuilt model's bit widths come from "config"; the table must say the same.
+    checks.verify_layer_table(model, table, folder / CONFIG_NAME, MODEL_CONFIG_NAME)
 
     weights_path = folder / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise CheckpointError(f"{weights_path} is missing")
-    try:
-        state = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{weights_path} cannot be read ({e}); the file is truncated or corrupt") from None
-
-    _restore_quantizers(model, state, qcfg.get("layers", {}), config.weight_granularity == "per_channel", weights_path)
+    state = _read_weights(weights_path, qcfg)
+    _restore_quantizers(model, state, table, config.weight_granularity == "per_channel", weights_path)
     # Buffers that are None until calibration (AdaRound's floor) are not in a frozen model.
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        raise CheckpointError(f"{weights_path}: its tensors do not fit the model built from {MODEL_CONFIG_NAME} "
+                              f"({e}): restore the folder from the original save") from None
     if unexpected:
         raise CheckpointError(f"{weights_path}: unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     if missing:
         raise CheckpointError(f"{weights_path}: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    report = None
-    if (folder / REPORT_TENSORS).is_file():
-        from .calibration.report_io import report_from_files
-
-        report = report_from_files(folder / REPORT_TENSORS, folder / REPORT_JSON)
+    report = _read_optional_report(folder)
     if has_timestep_aware(model):
         if "timestep_groups" not in qcfg:
             raise CheckpointError(f"{folder / CONFIG_NAME}: the model has timestep-aware activation quantizers but "
                                   "no 'timestep_groups' entry; the file is incomplete")
-        install_timestep_groups(model, TimestepGroups.from_dict(qcfg["timestep_groups"]))
+        groups = qcfg["timestep_groups"]
+        checks.verify_timestep_groups_fit(groups["groups"], config.num_act_timestep_groups, folder / CONFIG_NAME)
+        install_timestep_groups(model, TimestepGroups.from_dict(groups))
     set_quant_state(model, weight=True, act=config.quantizes_activations)
     mark_quantized(model, config, wrap, report)
     model.gaq_base_model = qcfg.get("base_model")
