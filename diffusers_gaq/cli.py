@@ -130,7 +130,7 @@ def _check_output(path: Path, overwrite: bool) -> None:
         raise CLIError(f"less than 200 MiB free under {probe}; free some space or choose another folder")
 
 
-def _check_replaceable(out: Path, model: str, *, pipeline: bool = True) -> None:
+def _check_replaceable(out: Path, model: str) -> None:
     """--overwrite replaces the output folder as a whole: refuse one that holds the input model or
     anything a quantized save did not write (the message lists it); the input is never deleted."""
     from .serialization import check_replaceable
@@ -143,7 +143,7 @@ def _check_replaceable(out: Path, model: str, *, pipeline: bool = True) -> None:
         if source in target.parents:
             raise CLIError(f"--output {out} is inside the input model folder {model}; choose an --output outside it")
     try:
-        check_replaceable(out, pipeline=pipeline)
+        check_replaceable(out, pipeline=True)
     except FileExistsError as e:
         raise CLIError(str(e)) from None
 

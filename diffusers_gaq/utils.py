@@ -45,7 +45,7 @@ def atomic_directory(target: str | os.PathLike):
     if target.exists() and not target.is_dir():
         # Renaming a file aside and removing it as a folder used to fail half-way, leaving .NAME.old.
         raise FileExistsError(f"{target} is a file, not a folder; delete it or choose another folder")
-    check_writable_location(target)
+    check_writable_location(target.parent)  # a parent that is a file: refused before anything is written
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
