@@ -41,7 +41,7 @@ from .calibration.calibrate import CalibrationReport, UnitReport
 from .calibration.data import CalibrationData
 from .config import GradientAlignedQuantizer
 from .serialization import CheckpointError
-from .utils import atomic_save_safetensors
+from .utils import atomic_save_safetensors, check_writable_location
 
 logger = logging.getLogger(__name__)
 
@@ -170,11 +170,10 @@ def check_checkpoint_dir(directory: str | os.PathLike | None, resume: bool, need
     if has_checkpoint(d) and not resume:
         raise FileExistsError(f"{d} already holds a calibration checkpoint; pass resume=True (CLI: --resume) to "
                               "continue it, or delete it / choose another folder to start over")
-    probe = d
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise PermissionError(f"cannot write the calibration checkpoint under {probe}; choose a folder you can write")
+    try:  # a folder under a file used to pass here and fail only when the data was saved
+        probe = check_writable_location(d)
+    except (NotADirectoryError, PermissionError) as e:
+        raise type(e)(f"checkpoint folder {d}: {e}") from None
     free = shutil.disk_usage(probe).free
     if need_bytes and free < need_bytes:
         raise OSError(f"the calibration checkpoint needs about {need_bytes / 2**20:.0f} MiB but only "

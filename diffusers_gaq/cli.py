@@ -56,6 +56,8 @@ def build_config(args):
 
     base = GradientAlignedQuantizer.from_json_file(args.config).to_dict() if args.config else {}
     base.pop("quant_method", None)
+    if args.config:
+        _note_budget_overrides(args.config, args.budget)
     base.update(BUDGETS[args.budget])
     overrides = {
         "weight_bits": args.weight_bits, "act_bits": args.act_bits, "weighting": args.weighting,
@@ -72,9 +74,29 @@ def build_config(args):
         base["first_last_precision"] = args.first_last_precision
     if args.timestep_aware:
         base["timestep_aware_acts"] = [] if args.timestep_aware == ["none"] else args.timestep_aware
-    if args.act_bits is not None and args.act_bits <= 0:
-        base["act_bits"] = None  # --act-bits 0: weight-only
+    if args.act_bits is not None:
+        base["act_bits"] = _act_bits(args.act_bits)
     return GradientAlignedQuantizer.from_dict(base)
+
+
+def _act_bits(value: int) -> int | None:
+    """--act-bits as the config field: 0 means weight-only (None); a negative width is a typo."""
+    if value < 0:
+        raise CLIError(f"--act-bits {value} is invalid: expected 4-16, or 0 for weight-only quantization")
+    return value or None
+
+
+def _note_budget_overrides(config_path: str, budget: str) -> None:
+    """--budget wins over the --config file's fields (it is applied after the file); say which of
+    the file's own settings it replaces, so that the mix is never silent."""
+    from .config import read_config_fields
+
+    fields = read_config_fields(config_path)
+    replaced = {k: (fields[k], v) for k, v in BUDGETS[budget].items() if k in fields and fields[k] != v}
+    if replaced:
+        shown = ", ".join(f"{k} (file {old!r}, budget {new!r})" for k, (old, new) in replaced.items())
+        logger.warning("--budget %s overrides these fields of %s: %s; leave out --budget to keep the file's values",
+                       budget, config_path, shown)
 
 
 def _layer_precision(items: list[str]) -> dict[str, str]:
@@ -89,24 +111,50 @@ def _layer_precision(items: list[str]) -> dict[str, str]:
 
 
 def _check_output(path: Path, overwrite: bool) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise CLIError(f"output folder {path} exists and is not empty; pass --overwrite or choose another folder")
-    probe = path if path.exists() else path.parent
-    while not probe.exists():
-        probe = probe.parent
-    import os
+    """Where the output goes: a folder (or a new path under a folder) this process can write, with
+    room; a non-empty folder only with ``overwrite``. What an overwrite may replace is checked by the
+    caller (quantize: _check_replaceable)."""
     import shutil
 
-    if not os.access(probe, os.W_OK):
-        raise CLIError(f"cannot write to {probe}; choose an output folder you can write")
+    from .utils import check_writable_location
+
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"--output {path} is a file, not a folder; delete it or choose another --output")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise CLIError(f"output folder {path} exists and is not empty; pass --overwrite or choose another folder")
+    try:
+        probe = check_writable_location(path)
+    except (NotADirectoryError, PermissionError) as e:
+        raise CLIError(f"--output {path}: {e}") from None
     if shutil.disk_usage(probe).free < 200 * 2**20:
         raise CLIError(f"less than 200 MiB free under {probe}; free some space or choose another folder")
 
 
+def _check_replaceable(out: Path, model: str) -> None:
+    """--overwrite replaces the output folder as a whole: refuse one that holds the input model or
+    anything a quantized save did not write (the message lists it); the input is never deleted."""
+    from .serialization import check_replaceable
+
+    if model != REFERENCE and Path(model).exists():
+        source, target = Path(model).resolve(), out.resolve()
+        if source == target or target in source.parents:
+            raise CLIError(f"--output {out} holds the input model {model}; replacing it would delete the model. "
+                           "Choose another --output")
+        if source in target.parents:
+            raise CLIError(f"--output {out} is inside the input model folder {model}; choose an --output outside it")
+    try:
+        check_replaceable(out, pipeline=True)
+    except FileExistsError as e:
+        raise CLIError(str(e)) from None
+
+
 def _check_model_id(model: str) -> None:
     """'reference' and existing folders load as they are; anything else must be a well-formed Hub id."""
-    if model == REFERENCE or Path(model).exists():
+    if model == REFERENCE or Path(model).is_dir():
         return
+    if Path(model).exists():  # a file is no Hub id either: say what to pass instead
+        raise CLIError(f"{model} is a file; pass the pipeline folder (the one holding model_index.json), "
+                       "'reference', or a Hub id")
     from .hub import check_repo_id
 
     try:
@@ -156,9 +204,10 @@ def cmd_quantize(args) -> int:
     resolve_device(config.device)
     out = Path(args.output)
     _check_output(out, args.overwrite)
+    _check_model_id(args.model)
+    _check_replaceable(out, args.model)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     _check_checkpoint_dir(checkpoint_dir, out, args.resume)
-    _check_model_id(args.model)
     pipe = load_pipeline(args.model)
     _, component, _ = check_pipeline(pipe)
     _check_space_for_model(out, pipe)
@@ -200,10 +249,11 @@ def _save_png(image, path: Path) -> None:
 
 def cmd_evaluate(args) -> int:
     from .evaluation import compare, image_grid
-    from .serialization import save_quantized_pipeline
     from .utils import atomic_write_text
 
     directory = Path(args.directory)
+    if args.baseline:
+        _check_model_id(args.baseline)
     qpipe, fp_pipe, base_id = _load_pair(str(directory), args.baseline)
     result = compare(fp_pipe, qpipe, args.num_images, args.num_inference_steps, args.seed, fid=base_id == REFERENCE)
     images = result.pop("images")
@@ -218,9 +268,25 @@ def cmd_evaluate(args) -> int:
                    result["quantized_sampling_seconds"])])
     if args.update_card:
         _denoiser(qpipe).gaq_evaluation = result
-        save_quantized_pipeline(qpipe, directory, overwrite=True)
+        _update_card(qpipe, directory)
     print(f"report: {report_dir}")
     return 0
+
+
+def _update_card(qpipe, directory: Path) -> None:
+    """Rewrite the model card (and its plots) in place, file by file and atomically: saving the
+    whole pipeline again would replace the folder, and with it the report just written into it."""
+    from .hub import write_model_card
+    from .serialization import quantized_model_dir
+    from .utils import atomic_write_bytes
+
+    denoiser_dir = quantized_model_dir(directory)
+    card = write_model_card(_denoiser(qpipe), denoiser_dir)
+    if denoiser_dir != directory:  # a pipeline keeps a copy of the card and plots at the top
+        for item in denoiser_dir.iterdir():
+            if item.suffix in (".md", ".png"):
+                atomic_write_bytes(directory / item.name, item.read_bytes())
+    logger.info("updated the model card %s", card)
 
 
 def cmd_push(args) -> int:
@@ -301,8 +367,11 @@ def cmd_demo(args) -> int:
     from .utils import atomic_write_text
 
     out = Path(args.output)
+    _check_output(out, overwrite=True)  # its files are replaced; other files in the folder stay
+    _check_replaceable(out / "pipeline", REFERENCE)
+    config = GradientAlignedQuantizer(weight_bits=args.weight_bits, act_bits=_act_bits(args.act_bits),
+                                      **BUDGETS[args.budget])
     out.mkdir(parents=True, exist_ok=True)
-    config = GradientAlignedQuantizer(weight_bits=args.weight_bits, act_bits=args.act_bits, **BUDGETS[args.budget])
     pipe = load_reference_pipeline()
     print(f"reference pipeline: UNet2DModel, {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.2f}M parameters")
     start = time.perf_counter()
@@ -331,8 +400,7 @@ def cmd_sensitivity(args) -> int:
     from .sensitivity import analyze_sensitivity
     from .utils import atomic_write_text
 
-    act_bits = args.act_bits if args.act_bits > 0 else None  # 0: weight rows only
-    config = GradientAlignedQuantizer(weight_bits=args.weight_bits, act_bits=act_bits, seed=args.seed,
+    config = GradientAlignedQuantizer(weight_bits=args.weight_bits, act_bits=_act_bits(args.act_bits), seed=args.seed,
                                       device=args.device, **BUDGETS[args.budget])
     if args.top < 1:
         raise CLIError(f"--top must be >= 1, got {args.top}")
@@ -361,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", required=True, help="folder for the quantized pipeline (must be empty or new)")
     q.add_argument("--weight-bits", type=int, help="2-8 (default 4)")
     q.add_argument("--act-bits", type=int, help="4-16, or 0 for weight-only (default 8)")
-    q.add_argument("--config", help="a GradientAlignedQuantizer JSON file; flags override it")
+    q.add_argument("--config", help="a GradientAlignedQuantizer JSON file; flags override it, and so does "
+                   "--budget (a warning lists the file's fields it replaces)")
     q.add_argument("--layer-precision", action="append", metavar="PATTERN=TAG",
                    help="precision of the layers whose module name matches the fnmatch PATTERN: TAG is w<W>a<A> "
                         "(e.g. w8a8), w<W> (activation FP), a<A> (weight FP) or fp; repeat for several, the first "
@@ -396,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "4.0 DiT / 7.5 SD; 1 turns it off)")
     q.add_argument("--seed", type=int)
     q.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    q.add_argument("--overwrite", action="store_true", help="replace an output folder that holds an earlier "
+                   "quantized pipeline (and nothing else: a folder with other files or the input model is refused)")
     q.add_argument("--checkpoint-dir", help="save the calibration state here after the data and after every "
                    "unit, so that --resume can continue an interrupted run")
     q.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir (same settings and model; "
@@ -417,10 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("push", help="upload a quantized pipeline folder to the Hub")
     p.add_argument("directory")
     p.add_argument("repo_id")
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--token")
-    p.add_argument("--revision")
-    p.add_argument("--create-pr", action="store_true")
+    p.add_argument("--private", action="store_true",
+                   help="create the repo as private (an existing repo keeps its visibility)")
+    p.add_argument("--token", help="a Hub token with write access; prefer the HF_TOKEN environment variable or "
+                   "`huggingface-cli login`: a token on the command line shows in the process list and shell history")
+    p.add_argument("--revision", help="branch to push to (default: main)")
+    p.add_argument("--create-pr", action="store_true",
+                   help="open a pull request with the files instead of committing to the branch")
     p.add_argument("--endpoint", help="Hub address (default: HF_ENDPOINT or huggingface.co)")
     p.set_defaults(func=cmd_push)
 

@@ -9,6 +9,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 CONFIG_NAME = "quantization_config.json"
@@ -360,15 +361,32 @@ class GradientAlignedQuantizer:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "GradientAlignedQuantizer":
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_dict(data.get("config", data) if isinstance(data, dict) else data)
+        """A config file: an object of fields, or a quantization_config.json (its ``"config"``)."""
+        fields_ = read_config_fields(path)
+        try:
+            return cls.from_dict(fields_)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def replace(self, **changes) -> "GradientAlignedQuantizer":
         return dataclasses.replace(self, **changes)
+
+
+def read_config_fields(path: str | os.PathLike) -> dict[str, Any]:
+    """The fields a config file sets, as written (not validated): the JSON object itself, or the
+    ``"config"`` object of a quantization_config.json. Errors name the file and the problem."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e}); save it as UTF-8 JSON") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object of GradientAlignedQuantizer "
+                         'fields (e.g. {"weight_bits": 4, "act_bits": 8})')
+    return data
 
 
 def sorted_fields(d: dict) -> dict:

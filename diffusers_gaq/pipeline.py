@@ -7,6 +7,8 @@ import logging
 import os
 import time
 
+import torch
+
 from .calibration.calibrate import calibrate_model
 from .calibration.data import CalibrationData, collect_calibration_data
 from .checkpointing import open_checkpoint
@@ -28,6 +30,17 @@ def supported_pipelines() -> tuple[type, ...]:
 def check_pipeline(pipe):
     """Refuse what cannot be quantized before any work starts; returns (family, component name, model)."""
     return denoiser_of(pipe)
+
+
+def check_finite_weights(model, component: str = "model") -> None:
+    """Refuse a model with NaN/Inf weights before sampling: its trajectories would be NaN, and the
+    error would then blame the calibration data instead of the model."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ValueError(f"the input {component}'s parameter {name} holds NaN/Inf ({bad} of {tensor.numel()} "
+                                 "values); the model's weights are damaged: reload or re-download the model")
 
 
 def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
@@ -61,6 +74,7 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
     config.validate()
     family, component, fp_model = check_pipeline(pipe)
     check_layer_patterns(fp_model, config, family)  # a mistyped pattern is refused before any sampling
+    check_finite_weights(fp_model, component)
     device = resolve_device(config.device)
     if calibration_data is not None:
         calibration_data.check(*_channels_and_size(family, fp_model))

@@ -290,10 +290,12 @@ def format_precision_groups(groups: dict[str, list[str]], max_names: int = 4) ->
 def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool = False,
                    model_card: bool = True, **_ignored) -> Path:
     """Write the checkpoint folder atomically: it is built beside the target and renamed into place,
-    so an interrupted save leaves the previous folder (or none)."""
+    so an interrupted save leaves the previous folder (or none). An existing folder is replaced
+    only when it is empty or holds nothing but an earlier quantized save (check_replaceable)."""
     target = Path(save_directory)
-    if target.exists() and any(target.iterdir()) and not overwrite and not (target / CONFIG_NAME).exists():
-        raise FileExistsError(f"{target} exists and is not empty; choose an empty folder or pass overwrite=True")
+    # Like diffusers' save_pretrained, a save replaces an earlier save; unlike it, never other files
+    # (overwrite=True allows no more than that: it is accepted for symmetry with the pipeline save).
+    check_replaceable(target, pipeline=False)
     state = quantized_state_dict(model)
     with atomic_directory(target) as tmp:
         base = _base_class(model)
@@ -329,6 +331,99 @@ def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool 
             write_model_card(model, tmp)
     logger.info("saved quantized model to %s", target)
     return target
+
+
+# ---- what a save may replace ------------------------------------------------------------------
+# A save replaces its target folder as a whole, so it may only replace what a save of ours wrote:
+# everything else in the folder (an input model, a user's notes) would be deleted without a word.
+CARD_FILE = "README.md"
+MODEL_INDEX = "model_index.json"
+EVALUATION_DIR = "evaluation"  # `diffusers-gaq evaluate`'s default report folder
+_MODEL_FILES = frozenset({MODEL_CONFIG_NAME, CONFIG_NAME, WEIGHTS_NAME, REPORT_TENSORS, REPORT_JSON, CARD_FILE})
+# What diffusers / transformers save_pretrained write into a component folder (configs, weights,
+# tokenizer vocabularies).
+_COMPONENT_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
+_SHOWN_FILES = 5
+
+
+def check_replaceable(target: Path, *, pipeline: bool) -> None:
+    """Refuse, before any work, to replace ``target`` unless it is absent, an empty folder, or holds
+    nothing but an earlier save of ours: a quantized model folder (``pipeline=False``: its
+    quantization_config.json with quant_method "gaq", and only the files save_quantized writes), or
+    a quantized pipeline folder (model_index.json, a quantized denoiser folder as above, component
+    folders named in model_index.json holding configs / weights / vocabularies, the card and plots
+    at the top, and an ``evaluation/`` report). The message lists the files that are not ours."""
+    target = Path(target)
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target} is a file, not a folder; delete it or choose another folder")
+    if not any(target.iterdir()):
+        return
+    problem = _pipeline_problem(target) if pipeline else _model_problem(target)
+    if problem:
+        raise FileExistsError(f"refusing to replace {target}: {problem}; nothing was changed. Move those files "
+                              "elsewhere, delete the folder yourself if it is really not needed, or choose another "
+                              "folder")
+
+
+def _is_quantized_model_dir(folder: Path) -> bool:
+    try:
+        qcfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(qcfg, dict) and qcfg.get("quant_method") == "gaq"
+
+
+def _model_problem(folder: Path) -> str | None:
+    if not _is_quantized_model_dir(folder):
+        return f"it holds no diffusers-gaq {CONFIG_NAME}, so it is not an earlier quantized save"
+    return _foreign_files_problem(folder, [p for p in folder.iterdir() if not _is_model_file(p)])
+
+
+def _is_model_file(path: Path) -> bool:
+    return path.is_file() and (path.name in _MODEL_FILES or path.suffix == ".png")  # .png: the card's plots
+
+
+def _pipeline_problem(folder: Path) -> str | None:
+    components = _model_index_components(folder / MODEL_INDEX)
+    denoiser = quantized_model_dir(folder)
+    if components is None or denoiser == folder or not _is_quantized_model_dir(denoiser):
+        return (f"it holds no {MODEL_INDEX} with a diffusers-gaq quantized denoiser, so it is not an earlier "
+                "quantized pipeline save")
+    foreign = [p for p in denoiser.iterdir() if not _is_model_file(p)]
+    for entry in folder.iterdir():
+        if entry == denoiser:
+            continue
+        if entry.is_file():
+            ours = entry.name in (MODEL_INDEX, CARD_FILE) or entry.suffix == ".png"
+            foreign += [] if ours else [entry]
+        elif entry.name == EVALUATION_DIR:
+            foreign += [p for p in entry.iterdir() if not (p.is_file() and p.suffix in (".json", ".png"))]
+        elif entry.name in components:
+            foreign += [p for p in entry.iterdir() if not (p.is_file() and p.suffix in _COMPONENT_SUFFIXES)]
+        else:
+            foreign.append(entry)
+    return _foreign_files_problem(folder, foreign)
+
+
+def _model_index_components(path: Path) -> set[str] | None:
+    """The component names model_index.json lists, or None when it is missing or not an index."""
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(index, dict):
+        return None
+    return {name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)}
+
+
+def _foreign_files_problem(folder: Path, foreign: list[Path]) -> str | None:
+    if not foreign:
+        return None
+    names = sorted(str(p.relative_to(folder)) + ("/" if p.is_dir() else "") for p in foreign)
+    more = f" and {len(names) - _SHOWN_FILES} more" if len(names) > _SHOWN_FILES else ""
+    return f"it holds files a quantized save does not write: {', '.join(names[:_SHOWN_FILES])}{more}"
 
 
 def _read_json(path: Path) -> dict:
@@ -516,14 +611,16 @@ def save_quantized_pipeline(pipe, save_directory: str | os.PathLike, *, overwrit
     """Save a whole pipeline whose denoiser is quantized (model_index.json, scheduler/, unet/ or
     transformer/ in the quantized format, the other components as diffusers saves them, the model
     card also at the top), atomically: built beside the target, then renamed into place. A
-    non-empty target is refused unless ``overwrite``."""
+    non-empty target is refused unless ``overwrite``, and even then unless it holds nothing but an
+    earlier quantized pipeline save (check_replaceable)."""
     from .models import denoiser_of
 
     _, component, _ = denoiser_of(pipe)
     target = Path(save_directory)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {target} exists and is not empty; pass overwrite=True "
                               "(CLI: --overwrite) or choose another folder")
+    check_replaceable(target, pipeline=True)  # overwrite=True replaces an earlier save of ours, nothing else
     with atomic_directory(target) as tmp:
         pipe.save_pretrained(tmp)
         for item in (tmp / component).iterdir():

@@ -38,8 +38,14 @@ def atomic_directory(target: str | os.PathLike):
     """Yield a temporary folder beside ``target``; on success fsync its files and swap it into place.
 
     The previous folder survives until the new one is whole (it is renamed aside, then removed),
-    so a crash leaves the old folder, the new one, or a ``.NAME.old`` to recover; never a half folder."""
+    so a crash leaves the old folder, the new one, or a ``.NAME.old`` to recover; never a half folder.
+    A killed process may also leave the hidden ``.NAME.tmp-*`` folder it was building; any other
+    failure removes it (and puts a renamed-aside folder back)."""
     target = Path(target)
+    if target.exists() and not target.is_dir():
+        # Renaming a file aside and removing it as a folder used to fail half-way, leaving .NAME.old.
+        raise FileExistsError(f"{target} is a file, not a folder; delete it or choose another folder")
+    check_writable_location(target.parent)  # a parent that is a file: refused before anything is written
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
@@ -49,17 +55,47 @@ def atomic_directory(target: str | os.PathLike):
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
         tmp.chmod(0o777 & ~_umask())
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            target.rename(old)
-        tmp.rename(target)
-        if old.exists():
-            shutil.rmtree(old)
+        _swap_into_place(tmp, target)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_into_place(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``; a previous ``target`` is renamed aside first and removed last,
+    or put back when the rename fails."""
+    old = target.with_name(f".{target.name}.old")
+    _remove(old)  # left by an earlier crash: the target itself is whole
+    if target.exists():
+        target.rename(old)
+    try:
+        new.rename(target)
+    except BaseException:
+        if old.exists() and not target.exists():
+            old.rename(target)
+        raise
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def check_writable_location(path: str | os.PathLike) -> Path:
+    """Refuse a path that cannot be created: its nearest existing ancestor must be a folder this
+    process can write. Returns that ancestor (where free space is measured)."""
+    path = Path(path).absolute()
+    probe = path if path.exists() else path.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"cannot create {path}: {probe} is a file, not a folder; choose a path under a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to {probe}; choose a folder you can write")
+    return probe
 
 
 def _umask() -> int:
