@@ -1,8 +1,9 @@
 """Model cards and Hub uploads for quantized checkpoints.
 
 The card is a ``huggingface_hub.ModelCard`` rendered from this module's own template; it is
-written as README.md (with its plots) into the checkpoint folder, and the folder goes to the Hub
-with ``HfApi.upload_folder``. ``ModelCard.push_to_hub`` is not used: it validates the card
+written as README.md (with its plots) into the checkpoint folder, and a staging copy of the folder
+(links, plus the card and configs rewritten for the target repo, with no local path) goes to the
+Hub with ``HfApi.upload_folder``, each request under a timeout (docs/reliability.md, issue 14). ``ModelCard.push_to_hub`` is not used: it validates the card
 against a hard-coded huggingface.co address, which fails behind mirrors, on private endpoints
 and offline (DESIGN.md section 8).
 """
@@ -695,8 +696,8 @@ def _push_error(err: Exception, stage: str, folder: Path, repo_id: str, endpoint
         what = f"the server did not {waited} within {timeout:g} s ({type(err).__name__}){_failed_request(err)}"
         hint = (" Check the address (HF_ENDPOINT / --endpoint), the network and any proxy; on a slow link allow "
                 f"more time per request with timeout= (CLI --timeout, or ${PUSH_TIMEOUT_ENV}).")
-        if stage == "upload_folder":
-            hint += " A commit cut off while waiting may still have been made: look at the repo before retrying."
+        if "/commit/" in _failed_request(err):
+            hint += " The commit was cut off while waiting and may still have been made: look at the repo before retrying."
         detail = ""
     else:
         what = f"HTTP {status}" if status else f"connection failed ({type(err).__name__})"

@@ -155,6 +155,21 @@ def test_silent_server_fails_the_push_within_its_timeout(checkpoint_copy, silent
     assert hf_http._GLOBAL_CLIENT_FACTORY is factory_before  # the user's client configuration is back
 
 
+def test_retried_requests_end_too(checkpoint_copy, silent_server, monkeypatch, no_retry_sleep):
+    # Past create_repo (not retried), huggingface_hub retries a timed-out request itself, at most 5
+    # times: the push still ends, after 6 timeouts plus the backoff waits (instant here).
+    from huggingface_hub import HfApi
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, *args, **kwargs: None)
+    (checkpoint_copy / "README.md").unlink()  # its metadata check (not retried) would come first
+    start = time.monotonic()
+    with pytest.raises(HubPushError, match="during upload_folder: the server did not answer within 1 s") as excinfo:
+        push_folder(checkpoint_copy, REPO_ID, endpoint=silent_server, timeout=1)
+    assert time.monotonic() - start < 30
+    assert "/preupload/" in str(excinfo.value)
+    assert no_retry_sleep == [1, 2, 4, 8, 8]  # huggingface_hub's 5 retries, then the error retries of the one request that hung
+
+
 def test_timeout_comes_from_the_environment(checkpoint_copy, silent_server, monkeypatch):
     monkeypatch.setenv(PUSH_TIMEOUT_ENV, "1")
     start = time.monotonic()
