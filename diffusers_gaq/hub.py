@@ -697,7 +697,8 @@ def _push_error(err: Exception, stage: str, folder: Path, repo_id: str, endpoint
         hint = (" Check the address (HF_ENDPOINT / --endpoint), the network and any proxy; on a slow link allow "
                 f"more time per request with timeout= (CLI --timeout, or ${PUSH_TIMEOUT_ENV}).")
         if "/commit/" in _failed_request(err):
-            hint += " The commit was cut off while waiting and may still have been made: look at the repo before retrying."
+            hint += (" The commit was cut off while waiting and may still have been made: look at the repo "
+                     "before retrying.")
         detail = ""
     else:
         what = f"HTTP {status}" if status else f"connection failed ({type(err).__name__})"
