@@ -293,7 +293,8 @@ def cmd_push(args) -> int:
     from .hub import push_folder
 
     url = push_folder(args.directory, args.repo_id, private=args.private or None, token=args.token,
-                      revision=args.revision, create_pr=args.create_pr, endpoint=args.endpoint)
+                      revision=args.revision, create_pr=args.create_pr, endpoint=args.endpoint,
+                      timeout=args.timeout)
     print(f"pushed {args.directory} -> {url}")
     return 0
 
@@ -495,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--create-pr", action="store_true",
                    help="open a pull request with the files instead of committing to the branch")
     p.add_argument("--endpoint", help="Hub address (default: HF_ENDPOINT or huggingface.co)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for each Hub request before giving up "
+                        "(default: $DIFFUSERS_GAQ_PUSH_TIMEOUT or 60)")
     p.set_defaults(func=cmd_push)
 
     i = sub.add_parser("info", help="what is inside a quantized checkpoint")

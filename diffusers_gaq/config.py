@@ -229,10 +229,10 @@ class GradientAlignedQuantizer:
         if not isinstance(self.timestep_aware_acts, tuple) or not all(isinstance(p, str) and p
                                                                       for p in self.timestep_aware_acts):
             self._fail("timestep_aware_acts", "a list of non-empty module-name patterns")
-        self._int("act_timestep_groups", 1, self.num_calibration_timesteps
-                  if isinstance(self.num_calibration_timesteps, int) else None, none_ok=True)
+
         self._int("num_inference_steps", 2, 10_000)
         self._int("num_calibration_timesteps", 1, self.num_inference_steps)
+        self._int("act_timestep_groups", 1, self.num_calibration_timesteps, none_ok=True)
         self._int("samples_per_timestep", 1)
         self._int("calibration_batch_size", 1)
         self._int("recon_iters", 0)

@@ -1,18 +1,22 @@
 """Model cards and Hub uploads for quantized checkpoints.
 
 The card is a ``huggingface_hub.ModelCard`` rendered from this module's own template; it is
-written as README.md (with its plots) into the checkpoint folder, and the folder goes to the Hub
-with ``HfApi.upload_folder``. ``ModelCard.push_to_hub`` is not used: it validates the card
+written as README.md (with its plots) into the checkpoint folder, and a staging copy of the folder
+(links, plus the card and configs rewritten for the target repo, with no local path) goes to the
+Hub with ``HfApi.upload_folder``, each request under a timeout (docs/reliability.md, issue 14). ``ModelCard.push_to_hub`` is not used: it validates the card
 against a hard-coded huggingface.co address, which fails behind mirrors, on private endpoints
 and offline (DESIGN.md section 8).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import re
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -28,9 +32,15 @@ CONFLICT_PNG = "gradient_conflict.png"
 PAPER_ARXIV = "2602.01289"
 DEFAULT_COMMIT_MESSAGE = "Upload diffusers-gaq quantized model"
 # Stands for the repo id in a card written before the repo is known (a plain save_pretrained);
-# push_folder replaces it with the real id before uploading.
+# push_folder puts the real id into the card it uploads.
 REPO_ID_PLACEHOLDER = "your-username/your-quantized-model"
 _EXAMPLE_REPO_ID = "my-username/ddpm-cifar10-w4a8"
+# huggingface_hub's shared client has no timeout: a server that accepts the connection and never
+# answers would hold a push forever. Seconds per request (connect, each read, each write).
+DEFAULT_PUSH_TIMEOUT = 60.0
+PUSH_TIMEOUT_ENV = "DIFFUSERS_GAQ_PUSH_TIMEOUT"
+# What the embedded reference pipeline is recorded as (the CLI's name for it), not its install path.
+REFERENCE_BASE_MODEL = "reference"
 
 
 class HubPushError(RuntimeError):
@@ -66,6 +76,49 @@ def _is_repo_id(value: str | None) -> bool:
         return bool(value) and check_repo_id(value) == value and not Path(value).exists()
     except ValueError:
         return False
+
+
+def _is_hub_id(value: str | None) -> bool:
+    """A base model the card may link to and name in its metadata: "namespace/name" only, since a
+    local folder's recorded name ("my-model") looks like a namespace-less Hub id."""
+    return bool(value) and "/" in value and _is_repo_id(value)
+
+
+# A file of the huggingface_hub cache: .../models--namespace--name/snapshots/<sha>/...
+_HF_CACHE_SNAPSHOT = re.compile(r"(?:^|[\\/])models--(?P<repo>[^\\/]+)[\\/]snapshots(?:[\\/]|$)")
+
+
+def _is_reference_pipeline(path: Path) -> bool:
+    from .reference import PIPELINE_DIR
+
+    try:
+        return path.resolve() == PIPELINE_DIR.resolve()
+    except OSError:
+        return False
+
+
+def public_base_model(name_or_path) -> str | None:
+    """What may be published about where a base model came from: the Hub id when it came from the
+    Hub (also when it was read from the huggingface_hub cache), ``"reference"`` for the embedded
+    reference pipeline, else only the folder's name.
+
+    The model card and quantization_config.json are uploaded by a push; an absolute path there
+    would publish the user's directory layout (user name, project names)."""
+    if not name_or_path:
+        return None
+    text = str(name_or_path).strip()
+    cached = _HF_CACHE_SNAPSHOT.search(text)
+    if cached:
+        return cached.group("repo").replace("--", "/")  # repo ids never contain "--"
+    local = Path(text).expanduser()
+    if _is_reference_pipeline(local):
+        return REFERENCE_BASE_MODEL
+    if local.exists():
+        return local.resolve().name or text
+    if _is_repo_id(text):
+        return text
+    # A path that no longer exists (an older checkpoint): its last part, on any OS's separators.
+    return re.split(r"[\\/]", text.rstrip("\\/"))[-1] or None
 
 
 # ---- what the card says -----------------------------------------------------------------------
@@ -168,6 +221,8 @@ def _evaluation_rows(evaluation: dict | None) -> list[tuple[str, str]]:
         if key == "how" or isinstance(value, (dict, list)):
             continue
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        if key == "baseline":  # `evaluate --baseline` may have been given a local path
+            text = public_base_model(value) or text
         rows.append((_EVAL_LABELS.get(key, key), text))
     return rows
 
@@ -345,7 +400,7 @@ pipe = diffusers.DiffusionPipeline.from_pretrained("path/to/saved-pipeline")
 
 
 def _intro(config, base_model: str | None, act_bits_text: str) -> str:
-    base = f"[`{base_model}`](https://huggingface.co/{base_model})" if _is_repo_id(base_model) else (
+    base = f"[`{base_model}`](https://huggingface.co/{base_model})" if _is_hub_id(base_model) else (
         f"`{base_model}`" if base_model else "a diffusers UNet")
     return (f"{config.tag.upper()} post-training quantization of {base}: {config.weight_bits}-bit weights and "
             f"{act_bits_text}, made with diffusers-gaq using "
@@ -356,9 +411,10 @@ def build_model_card(model, base_model: str | None = None, license: str | None =
                      repo_id: str | None = None):
     """The model card of a quantized model as a ``huggingface_hub.ModelCard``.
 
-    ``base_model`` defaults to ``model.gaq_base_model``; it goes into the card metadata only when
-    it is a Hub repo id (the Hub rejects local paths there). ``repo_id`` is used in the usage
-    snippet; without it a placeholder stands there, which push_folder replaces."""
+    ``base_model`` defaults to ``model.gaq_base_model``; the card names it as public_base_model
+    gives it (a Hub id, or only a local folder's name, never its path) and puts it into the
+    metadata only when it is a "namespace/name" Hub id. ``repo_id`` is used in the usage snippet;
+    without it a placeholder stands there, which push_folder replaces."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from .serialization import model_weight_bits
@@ -367,7 +423,7 @@ def build_model_card(model, base_model: str | None = None, license: str | None =
     if config is None:
         raise ValueError("the model carries no gaq_config; build cards for models from quantize_pipeline() "
                          "or QuantizedUNet2DModel.from_pretrained()")
-    base_model = base_model or getattr(model, "gaq_base_model", None)
+    base_model = public_base_model(base_model or getattr(model, "gaq_base_model", None))
     gradient_aligned = config.method == "reconstruction" and config.weighting == "gradient_aligned"
     tags = ["quantization", "diffusers-gaq", config.tag, "diffusers"]
     if gradient_aligned:
@@ -377,13 +433,13 @@ def build_model_card(model, base_model: str | None = None, license: str | None =
         or getattr(model.config, "class_embed_type", None) is not None
     pipeline_tag = ("text-to-image" if hasattr(model.config, "cross_attention_dim") else
                     None if conditional else "unconditional-image-generation")
-    card_data = ModelCardData(base_model=base_model if _is_repo_id(base_model) else None, library_name="diffusers",
+    card_data = ModelCardData(base_model=base_model if _is_hub_id(base_model) else None, library_name="diffusers",
                               tags=tags, license=license, pipeline_tag=pipeline_tag)
     wrap = model.gaq_wrap
     plots = _plots_for(model.gaq_report)
     evaluation = getattr(model, "gaq_evaluation", None) or None
     act_bits_text = f"{config.act_bits}-bit activations" if config.act_bits else "full-precision activations"
-    if _is_repo_id(base_model):
+    if _is_hub_id(base_model):
         scheduler_line = f'scheduler = DDIMScheduler.from_pretrained("{base_model}", subfolder="scheduler")'
     else:
         scheduler_line = ("scheduler = DDIMScheduler()  # 1000 linear-beta steps; "
@@ -458,7 +514,7 @@ def write_model_card(model, folder: str | os.PathLike, *, repo_id: str | None = 
     return path
 
 
-# ---- uploads ----------------------------------------------------------------------------------
+# ---- checks before a push ----------------------------------------------------------------------
 def _check_checkpoint_folder(folder: Path) -> None:
     from .serialization import CheckpointError, quantized_model_dir
 
@@ -478,23 +534,175 @@ def _check_checkpoint_folder(folder: Path) -> None:
         raise CheckpointError(f"{qcfg}: quant_method is {method!r}, not 'gaq'; not a diffusers-gaq checkpoint")
 
 
-def _fill_repo_id(folder: Path, repo_id: str) -> None:
-    """Put the real repo id into a card written before it was known (usage snippet)."""
+# ---- what is uploaded ------------------------------------------------------------------------
+# The usage snippet's repo id: `...from_pretrained("ID")  # this repo's id, ...` (see _TEMPLATE).
+_USAGE_REPO_ID = re.compile(r'(\.from_pretrained\(")[^"\n]*("\)  # this repo\'s id)')
+
+
+def card_for_repo(text: str, repo_id: str) -> str:
+    """The card ``text`` with ``repo_id`` in its usage snippet: the placeholder of a card written
+    before the repo was known, and the id of an earlier push to another repo, are both replaced."""
+    text = text.replace(f'"{REPO_ID_PLACEHOLDER}"', f'"{repo_id}"')
+    return _USAGE_REPO_ID.sub(lambda m: m.group(1) + repo_id + m.group(2), text)
+
+
+# Fields that may hold a local path, by file: diffusers' configs (every file), our quantization
+# config, and the report of `diffusers-gaq evaluate` (its default folder is inside the checkpoint).
+_PATH_KEYS = {CONFIG_NAME: ["base_model"], "evaluation.json": ["baseline"]}
+
+
+def _public_json(path: Path) -> tuple[str | None, dict[str, str]]:
+    """(the JSON file's text with its base model / ``_name_or_path`` made public, or None when it
+    needs no change; {recorded value: public value} for each value replaced)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None, {}  # not ours to judge here; uploaded as it is
+    if not isinstance(data, dict):
+        return None, {}
+    keys = ["_name_or_path"] + _PATH_KEYS.get(path.name, [])
+    replaced = {}
+    for key in keys:
+        value = data.get(key)
+        public = public_base_model(value) if isinstance(value, str) else value
+        if public != value:
+            replaced[value] = public
+            data[key] = public
+    if not replaced:
+        return None, {}
+    # Key order as saved (quantization_config.json's layer order matters to readers).
+    return json.dumps(data, indent=2) + "\n", replaced
+
+
+def _staged_texts(folder: Path, repo_id: str) -> dict[str, str]:
+    """{path relative to folder: text to upload instead of the file} for the files a push rewrites:
+    JSON configs that record a local path, and README.md (repo id, and those paths made public).
+    Older checkpoints recorded absolute paths; the upload must not publish them."""
+    texts, replaced = {}, {}
+    for path in sorted(folder.rglob("*.json")):
+        if path.is_file() and path.stat().st_size < 1_000_000:  # configs are small; skip data files
+            text, found = _public_json(path)
+            if text is not None:
+                texts[path.relative_to(folder).as_posix()] = text
+                replaced.update(found)
     card = folder / CARD_NAME
     if card.is_file():
         text = card.read_text(encoding="utf-8")
-        quoted = f'"{REPO_ID_PLACEHOLDER}"'
-        if quoted in text:
-            atomic_write_text(card, text.replace(quoted, f'"{repo_id}"'))
-            logger.info("filled repo id %s into %s", repo_id, card)
+        for recorded, public in sorted(replaced.items(), key=lambda kv: -len(kv[0])):  # longest first
+            if re.search(r"[\\/]", recorded):  # a path; a bare name like "." must not be replaced everywhere
+                text = text.replace(recorded, public or "")
+        texts[CARD_NAME] = card_for_repo(text, repo_id)
+    return texts
 
 
-def _push_error(err: Exception, stage: str, folder: Path, repo_id: str, endpoint: str) -> HubPushError:
+def _stage_for_upload(folder: Path, staging: Path, texts: dict[str, str]) -> None:
+    """Mirror ``folder`` into ``staging``: links to the files as they are, fresh files for ``texts``.
+    The upload reads the staging area, so the user's folder is never written to by a push."""
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        rel = path.relative_to(folder).as_posix()
+        target = staging / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if rel in texts:
+            target.write_text(texts[rel], encoding="utf-8")  # scratch copy, removed after the push
+            continue
+        try:
+            os.symlink(path.resolve(), target)  # no copy of the (large) weights
+        except OSError:  # symlinks not allowed (Windows without the privilege)
+            shutil.copy2(path, target)
+
+
+def _keep_uploaded_card(folder: Path, card_text: str | None) -> None:
+    """After a successful push, the local card becomes the one uploaded (it names the repo), so
+    the folder and the repo agree; nothing else in the folder is changed."""
+    card = folder / CARD_NAME
+    if card_text is None or not card.is_file():
+        return
+    try:
+        if card.read_text(encoding="utf-8") != card_text:
+            atomic_write_text(card, card_text)
+            logger.info("updated %s to the card uploaded", card)
+    except OSError as err:  # the push itself succeeded; a read-only folder must not turn it into a failure
+        logger.warning("pushed, but could not update the local card %s: %s", card, err)
+
+
+# ---- timeouts ---------------------------------------------------------------------------------
+def push_timeout(timeout: float | None = None) -> float:
+    """Seconds per Hub request: ``timeout`` if given, else $DIFFUSERS_GAQ_PUSH_TIMEOUT, else 60."""
+    source = "timeout="
+    if timeout is None:
+        raw = os.environ.get(PUSH_TIMEOUT_ENV, "").strip()
+        if not raw:
+            return DEFAULT_PUSH_TIMEOUT
+        source = f"${PUSH_TIMEOUT_ENV}"
+        try:
+            timeout = float(raw)
+        except ValueError:
+            raise ValueError(f"{source} is {raw!r}, not a number of seconds; set it to e.g. 60 or unset it") from None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
+            or timeout <= 0:
+        raise ValueError(f"{source} {timeout!r} is not a positive number of seconds; pass e.g. 60")
+    return float(timeout)
+
+
+@contextlib.contextmanager
+def hub_client_timeout(seconds: float):
+    """Make huggingface_hub's shared HTTP client time out after ``seconds`` per request, for the
+    duration of the block, through its own hook (``set_client_factory``).
+
+    The user's factory (proxies, certificates, hooks) is kept: its client is only given a timeout,
+    and the factory is put back afterwards. huggingface_hub retries timeouts, network errors and
+    HTTP 429/5xx itself, at most 5 times per request with waits of 1, 2, 4, 8, 8 s (except
+    create_repo and the commit, which it does not retry), so each request ends within
+    6 * ``seconds`` + 23 s. Other threads' Hub requests during the block get the timeout too."""
+    import httpx2
+    from huggingface_hub.utils import _http as hf_http
+    from huggingface_hub.utils import set_client_factory
+
+    # No public getter exists; fall back to the library default if the private name moves.
+    previous = getattr(hf_http, "_GLOBAL_CLIENT_FACTORY", hf_http.default_client_factory)
+
+    def client_with_timeout():
+        client = previous()
+        client.timeout = httpx2.Timeout(seconds)
+        return client
+
+    set_client_factory(client_with_timeout)  # also closes the current shared client
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
+
+
+# ---- uploads ----------------------------------------------------------------------------------
+def _failed_request(err: Exception) -> str:
+    try:
+        request = err.request  # httpx errors raise RuntimeError when they carry none
+    except (AttributeError, RuntimeError):
+        return ""
+    return f" ({request.method} {str(request.url).split('?')[0]})"
+
+
+def _push_error(err: Exception, stage: str, folder: Path, repo_id: str, endpoint: str,
+                timeout: float | None = None) -> HubPushError:
+    import httpx2
+
     response = getattr(err, "response", None)
     status = getattr(response, "status_code", None) if response is not None else None
-    what = f"HTTP {status}" if status else f"connection failed ({type(err).__name__})"
-    detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
     hint = ""
+    if isinstance(err, httpx2.TimeoutException):
+        waited = "connect" if isinstance(err, httpx2.ConnectTimeout) else "answer"
+        what = f"the server did not {waited} within {timeout:g} s ({type(err).__name__}){_failed_request(err)}"
+        hint = (" Check the address (HF_ENDPOINT / --endpoint), the network and any proxy; on a slow link allow "
+                f"more time per request with timeout= (CLI --timeout, or ${PUSH_TIMEOUT_ENV}).")
+        if "/commit/" in _failed_request(err):
+            hint += (" The commit was cut off while waiting and may still have been made: look at the repo "
+                     "before retrying.")
+        detail = ""
+    else:
+        what = f"HTTP {status}" if status else f"connection failed ({type(err).__name__})"
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
     if status in (401, 403):
         hint = " The server refused the credentials: set HF_TOKEN (or pass token=) to a token with write access."
     message = (f"pushing {folder} to {repo_id!r} at {endpoint} failed during {stage}: {what}"
@@ -506,31 +714,41 @@ def _push_error(err: Exception, stage: str, folder: Path, repo_id: str, endpoint
 
 def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | None = None,
                 revision: str | None = None, create_pr: bool = False, commit_message: str | None = None,
-                endpoint: str | None = None):
+                endpoint: str | None = None, timeout: float | None = None):
     """Create ``repo_id`` if needed and upload a checkpoint folder; return the CommitInfo
     (``.commit_url``, ``.oid``, ``.pr_url`` when ``create_pr``).
 
-    The repo id and the folder are checked before any request. Network and HTTP failures raise
-    HubPushError; the folder is never modified beyond filling the repo id into its card."""
+    The repo id, the folder and ``timeout`` are checked before any request. What is uploaded is
+    a staging copy: the card names ``repo_id`` and no file records a local absolute path (see
+    public_base_model). Each request times out after ``timeout`` seconds (default
+    $DIFFUSERS_GAQ_PUSH_TIMEOUT or 60; hub_client_timeout). Network, HTTP and timeout failures
+    raise HubPushError and leave the folder byte-identical; after a successful push its README.md
+    is replaced by the card uploaded."""
     import httpx2
     from huggingface_hub import HfApi
 
     check_repo_id(repo_id)
     folder = Path(folder)
     _check_checkpoint_folder(folder)
-    _fill_repo_id(folder, repo_id)
+    seconds = push_timeout(timeout)
+    texts = _staged_texts(folder, repo_id)
     # endpoint=None lets huggingface_hub resolve HF_ENDPOINT (or huggingface.co) itself.
     api = HfApi(endpoint=endpoint or None, token=token)
     network_errors = (httpx2.HTTPError, ConnectionError, TimeoutError)
-    try:
+    with tempfile.TemporaryDirectory(prefix="diffusers-gaq-push-") as tmp:
+        staging = Path(tmp) / folder.resolve().name
+        _stage_for_upload(folder, staging, texts)
         stage = "create_repo"
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        stage = "upload_folder"
-        info = api.upload_folder(folder_path=folder, repo_id=repo_id, revision=revision, create_pr=create_pr,
-                                 commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
-                                 ignore_patterns=["**/.*.tmp", ".*.tmp"])
-    except network_errors as err:
-        raise _push_error(err, stage, folder, repo_id, api.endpoint) from err
+        try:
+            with hub_client_timeout(seconds):
+                api.create_repo(repo_id, private=private, exist_ok=True)
+                stage = "upload_folder"
+                info = api.upload_folder(folder_path=staging, repo_id=repo_id, revision=revision,
+                                         create_pr=create_pr, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+                                         ignore_patterns=["**/.*.tmp", ".*.tmp"])
+        except network_errors as err:
+            raise _push_error(err, stage, folder, repo_id, api.endpoint, seconds) from err
+    _keep_uploaded_card(folder, texts.get(CARD_NAME))
     logger.info("pushed %s to %s (%s)", folder, repo_id, getattr(info, "commit_url", info))
     return info
 
@@ -538,19 +756,21 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None
 def push_quantized(model, repo_id: str, *, private: bool | None = None, token: str | None = None,
                    revision: str | None = None, create_pr: bool = False, commit_message: str | None = None,
                    endpoint: str | None = None, save_directory: str | os.PathLike | None = None,
-                   base_model: str | None = None, license: str | None = None):
-    """Save ``model`` (with a model card naming ``repo_id``) and push it with push_folder.
+                   base_model: str | None = None, license: str | None = None, timeout: float | None = None):
+    """Save ``model`` (with a model card naming ``repo_id``) and push it with push_folder
+    (``timeout``: seconds per request, see push_folder).
 
     With ``save_directory`` the checkpoint stays there (also when the push fails); without it
     a temporary folder is used and removed afterwards."""
     check_repo_id(repo_id)  # fail before spending time on the save
+    push_timeout(timeout)
 
     def save_and_push(folder: Path):
         # The card is written after the save so that it can name the repo the files go to.
         model.save_pretrained(folder, model_card=False)
         write_model_card(model, folder, repo_id=repo_id, base_model=base_model, license=license)
         return push_folder(folder, repo_id, private=private, token=token, revision=revision, create_pr=create_pr,
-                           commit_message=commit_message, endpoint=endpoint)
+                           commit_message=commit_message, endpoint=endpoint, timeout=timeout)
 
     if save_directory is not None:
         return save_and_push(Path(save_directory))
@@ -559,4 +779,5 @@ def push_quantized(model, repo_id: str, *, private: bool | None = None, token: s
 
 
 __all__ = ["HubPushError", "check_repo_id", "build_model_card", "write_model_card", "push_folder", "push_quantized",
-           "REPO_ID_PLACEHOLDER"]
+           "public_base_model", "card_for_repo", "push_timeout", "hub_client_timeout", "REPO_ID_PLACEHOLDER",
+           "DEFAULT_PUSH_TIMEOUT", "PUSH_TIMEOUT_ENV"]

@@ -118,9 +118,20 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
     report.data_seconds = data_seconds
     set_quant_state(model, weight=True, act=config.quantizes_activations)
     mark_quantized(model, config, wrap, report)
-    # Where the FP model came from (a Hub id or a folder): the model card and `evaluate` use it.
-    model.gaq_base_model = getattr(pipe, "name_or_path", None) or getattr(fp_model.config, "_name_or_path", None)
+    _record_public_origin(model, pipe, fp_model)
     return rebuild_pipeline(pipe, component, model)
+
+
+def _record_public_origin(model, pipe, fp_model) -> None:
+    """Record where the FP model came from, as may be published: the Hub id, "reference", or only
+    the folder's name (hub.public_base_model). The model card, quantization_config.json and
+    `evaluate` read it; config.json's `_name_or_path` would otherwise carry the absolute path too."""
+    from .hub import public_base_model
+
+    origin = getattr(pipe, "name_or_path", None) or getattr(fp_model.config, "_name_or_path", None)
+    model.gaq_base_model = public_base_model(origin)
+    if model.config.get("_name_or_path"):
+        model.register_to_config(_name_or_path=public_base_model(model.config["_name_or_path"]))
 
 
 def rebuild_pipeline(pipe, component: str, model):

@@ -309,7 +309,7 @@ def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool 
             "base_class": base.__name__,
             "config": sorted_fields(model.gaq_config.to_dict()),
             "layers": layer_table(model),
-            "base_model": getattr(model, "gaq_base_model", None),
+            "base_model": _public_base_model(getattr(model, "gaq_base_model", None)),  # uploaded by push: no local path
             "kept_fp": list(wrap.kept_fp) if wrap else [],
             "attention": list(wrap.attention) if wrap else [],
             checks.DIGEST_FIELD: checks.weights_digest(state),  # verified at load: catches a flipped byte
@@ -627,3 +627,9 @@ def save_quantized_pipeline(pipe, save_directory: str | os.PathLike, *, overwrit
             if item.suffix in (".md", ".png"):
                 shutil.copy2(item, tmp / item.name)
     return target
+
+
+def _public_base_model(name_or_path):
+    from .hub import public_base_model
+
+    return public_base_model(name_or_path)
