@@ -100,7 +100,9 @@ class GradientAlignedQuantizer:
         round_reg_weight (lambda), round_warmup (fraction without regulariser), beta_start/beta_end;
         grad_shards (None: every process sums its share of a minibatch and the shares are all-reduced,
         the fastest; K: every minibatch gradient is the fixed-order sum of K shard gradients,
-        whichever process computed each, so 1..K processes give bit-identical results).
+        whichever process computed each, so 1..K processes give bit-identical results);
+        keep_rtn_if_no_gain (a unit keeps round-to-nearest when reconstruction did not lower its
+        loss on the held-out validation samples).
     Sample weights (the paper's Algorithms 1-2)
         weighting "gradient_aligned" | "uniform" (default: gradient-aligned, uniform under
         method="minmax", which has no loss to weight); val_fraction held out per timestep; num_groups
@@ -148,6 +150,8 @@ class GradientAlignedQuantizer:
     beta_start: float = 20.0
     beta_end: float = 2.0
     grad_shards: int | None = None
+    # Keep round-to-nearest for a unit whose held-out loss reconstruction did not lower.
+    keep_rtn_if_no_gain: bool = False
 
     # None: "gradient_aligned" with reconstruction, "uniform" with method="minmax" (nothing to weight).
     weighting: str | None = None
@@ -219,7 +223,7 @@ class GradientAlignedQuantizer:
             if getattr(self, name) not in choices:
                 self._fail(name, "one of " + ", ".join(repr(c) for c in choices))
         for name in ("weight_symmetric", "act_symmetric", "learn_act_scale", "split_shortcut",
-                     "quantize_attention", "carry_scores"):
+                     "quantize_attention", "carry_scores", "keep_rtn_if_no_gain"):
             if not isinstance(getattr(self, name), bool):
                 self._fail(name, "True or False")
         if not all(isinstance(p, str) and p for p in self.keep_fp):

@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 
 FIELDS = [f.name for f in dataclasses.fields(GradientAlignedQuantizer)]
 BOOL_FIELDS = ["weight_symmetric", "act_symmetric", "learn_act_scale", "split_shortcut", "quantize_attention",
-               "carry_scores"]
+               "carry_scores", "keep_rtn_if_no_gain"]
 CHOICES = {
     "weight_granularity": ("per_channel", "per_tensor"),
     "weight_init": ("mse", "minmax"),
@@ -138,7 +138,7 @@ NON_DEFAULT = dict(weight_bits=3, act_bits=None, weight_granularity="per_tensor"
                    first_last_precision="w8a16", num_inference_steps=100, num_calibration_timesteps=20, samples_per_timestep=3,
                    timestep_schedule="normal", calibration_batch_size=7, method="minmax", recon_iters=11,
                    recon_batch_size=5, weight_lr=0.1234567890123, act_lr=0.0, round_reg_weight=1e-3,
-                   round_warmup=0.0, beta_start=1e3, beta_end=0.5, grad_shards=5, weighting="uniform", val_fraction=0.25,
+                   round_warmup=0.0, beta_start=1e3, beta_end=0.5, grad_shards=5, keep_rtn_if_no_gain=True, weighting="uniform", val_fraction=0.25,
                    num_groups=20, tau=0.3, meta_iters=0, meta_batch_size=9, inner_lr=1e-7, meta_lr=2.5,
                    carry_scores=True, class_labels=(3, 0, 999), calibration_prompts=("a cat", "a red car"),
                    guidance_scale=2.5, seed=2**32 - 1, device="cpu")

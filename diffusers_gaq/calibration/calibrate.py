@@ -176,7 +176,14 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
         rep.omega = omega.clone()
         rep.loss_final, rep.val_loss_final, rep.step_loss_final = evaluate(problem)
         diverged = not math.isfinite(rep.loss_final) or rep.loss_final > DIVERGENCE_FACTOR * rep.loss_init
-        if config.method == "reconstruction" and (rep.fallback or diverged):
+        # Reconstruction that does not lower the held-out loss only fitted the training samples: keep
+        # round-to-nearest (at 8 bits, where rounding is already near its best, this happens).
+        no_gain = (config.keep_rtn_if_no_gain and math.isfinite(rep.val_loss_init)
+                   and rep.val_loss_final >= rep.val_loss_init)
+        if config.method == "reconstruction" and (rep.fallback or diverged or no_gain):
+            if no_gain and not (rep.fallback or diverged):
+                rep.fallback = (f"round-to-nearest (held-out loss {rep.val_loss_final:.4g} after reconstruction vs "
+                                f"{rep.val_loss_init:.4g} at round-to-nearest)")
             rep.fallback = rep.fallback or (f"round-to-nearest (reconstruction loss {rep.loss_final:.4g} vs "
                                             f"{rep.loss_init:.4g} at round-to-nearest)")
             _fall_back_to_nearest(problem, act_steps)
@@ -186,7 +193,10 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
                                          "check the model and the calibration data for NaN/Inf")
             if not torch.isfinite(scores).all():  # diverged sample weights must not reach the next unit
                 scores = torch.zeros_like(scores)
-            logger.warning("%s: reconstruction diverged, kept %s", name, rep.fallback)
+            if no_gain and not diverged:
+                logger.info("%s: kept %s", name, rep.fallback)
+            else:
+                logger.warning("%s: reconstruction diverged, kept %s", name, rep.fallback)
         rep.seconds = time.perf_counter() - t0
         report.units.append(rep)
         logger.info("%s: loss %.4g -> %.4g (val %.4g -> %.4g) in %.1fs", name, rep.loss_init, rep.loss_final,
