@@ -305,7 +305,9 @@ class ActQuantizer(nn.Module):
         self.zero_point.copy_(torch.stack(zps).reshape(self.zero_point.shape))
         self.initialized.fill_(True)
         self.observing = False
+        # The pooled values and global extremes belong to this pass: a later observing pass must not reuse them.
         self._pool = [[] for _ in range(self.num_groups)]
+        self._global = [[math.inf, -math.inf] for _ in range(self.num_groups)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
