@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import ACT_BITS_RANGE, WEIGHT_BITS_RANGE
+from .digests import tensors_digest
 
 DIGEST_FIELD = "weights_sha256"
 _RESTORE = "restore the folder from the original save (or download / copy it again)"
@@ -170,7 +171,6 @@ def verify_layer_table(model, table: dict, config_path: Path, model_config_name:
 # ---- tensors ---------------------------------------------------------------------------------------
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes (the calibration checkpoint's digest)."""
-    from .checkpointing import tensors_digest
 
     return tensors_digest(state)
 

@@ -27,7 +27,6 @@ uninterrupted one. Only the main process writes (distributed.py); every process 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ import torch
 from .calibration.calibrate import CalibrationReport, UnitReport
 from .calibration.data import CalibrationData
 from .config import GradientAlignedQuantizer
+from .digests import tensor_digest, tensors_digest
 from .serialization import CheckpointError
 from .utils import atomic_save_safetensors, check_writable_location
 
@@ -58,21 +58,6 @@ class CheckpointMismatchError(CheckpointError):
 
 
 # ---- digests and fingerprints -----------------------------------------------------------------------
-def tensor_digest(t: torch.Tensor) -> str:
-    """sha256 of a tensor's dtype, shape and bytes."""
-    flat = t.detach().cpu().contiguous().reshape(-1)  # 1-D: a 0-dim tensor cannot be viewed as bytes
-    h = hashlib.sha256(f"{flat.dtype}:{tuple(t.shape)}:".encode())
-    h.update(flat.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(f"{name}={tensor_digest(tensors[name])};".encode())
-    return h.hexdigest()
-
-
 def _jsonable(value):
     """The value as it reads back from JSON (tuples become lists, ...), for comparisons."""
     return json.loads(json.dumps(value, sort_keys=True, default=str))
@@ -104,7 +89,7 @@ def run_fingerprint(model, scheduler_config, config: GradientAlignedQuantizer,
         "model_tensors": {name: tensor_digest(t) for name, t in model.state_dict().items()},
         # Sampled data depends on the scheduler; data the caller gives does not.
         "scheduler_config": _public_config(scheduler_config) if calibration_data is None else None,
-        "calibration_data": "sampled" if calibration_data is None else tensors_digest(calibration_data.to_tensors()),
+        "calibration_data": "sampled" if calibration_data is None else calibration_data.digest(),
     }
 
 

@@ -116,6 +116,7 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
                              scores=resumed.scores, on_unit_done=on_unit_done)
     resumed.merge_into(report)
     report.data_seconds = data_seconds
+    report.data_digest = calibration_data.digest()
     set_quant_state(model, weight=True, act=config.quantizes_activations)
     mark_quantized(model, config, wrap, report)
     _record_public_origin(model, pipe, fp_model)

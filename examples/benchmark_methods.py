@@ -140,6 +140,7 @@ def run(args) -> None:
                                peak_rss_calibration_mib=rss_cal.peak / 2**20, peak_rss_sampling_mib=rss_sample.peak / 2**20)
                     report = getattr(qpipe.unet, "gaq_report", None)
                     if report is not None:
+                        row["data_digest"] = report.data_digest  # pairs the methods of one seed
                         row["meta_seconds"] = sum(u.meta_seconds for u in report.units)
                         row["val_loss_final"] = float(np.mean([u.val_loss_final for u in report.units]))
                         omegas = torch.stack([u.omega for u in report.units])
@@ -260,18 +261,23 @@ def paired(args) -> None:
     rows = [r for r in rows if r["num_images"] == args.num_images and r.get("variant", "") == args.variant]
     fp = next((r["fid_ref"] for r in rows if r["method"] == "fp"), None)
     by = {(r["method"], r["bits"], r["seed"]): r for r in rows}
-    print(f"| bits | seeds | {args.b} - {args.a}: FID-ref (95 % CI) | PSNR dB (95 % CI) | excess ratio (mean) |")
-    print("|---|---|---|---|---|")
+    print(f"| bits | seeds | {args.b} - {args.a}: FID-ref (95 % CI) | PSNR dB (95 % CI) | excess ratio (mean) | pairs checked by data digest |")
+    print("|---|---|---|---|---|---|")
     for bits in sorted({r["bits"] for r in rows if r["method"] == args.a}):
         seeds = sorted(s for (m, b, s) in by if m == args.a and b == bits and (args.b, bits, s) in by)
         if not seeds:
             continue
         a, b = [by[(args.a, bits, s)] for s in seeds], [by[(args.b, bits, s)] for s in seeds]
+        for s, x, y in zip(seeds, a, b):  # the pairing itself: both methods of a seed saw the same data
+            if x.get("data_digest") and y.get("data_digest") and x["data_digest"] != y["data_digest"]:
+                raise SystemExit(f"seed {s} {bits}: {args.a} and {args.b} calibrated on different data "
+                                 f"({x['data_digest'][:12]} vs {y['data_digest'][:12]}); the pair is not paired")
+        digests = sum(bool(x.get("data_digest") and y.get("data_digest")) for x, y in zip(a, b))
         fid = paired_interval([y["fid_ref"] - x["fid_ref"] for x, y in zip(a, b)])
         psnr = paired_interval([y["psnr_db"] - x["psnr_db"] for x, y in zip(a, b)])
         ratio = (np.mean([y["fid_ref"] - fp for y in b]) / np.mean([x["fid_ref"] - fp for x in a])) if fp else float("nan")
         print(f"| {bits} | {len(seeds)} | {fid[0]:+.2f} ({fid[1]:+.2f}, {fid[2]:+.2f}) | "
-              f"{psnr[0]:+.2f} ({psnr[1]:+.2f}, {psnr[2]:+.2f}) | {ratio:.2f} |")
+              f"{psnr[0]:+.2f} ({psnr[1]:+.2f}, {psnr[2]:+.2f}) | {ratio:.2f} | {digests}/{len(seeds)} |")
 
 
 def ablations(args) -> None:

@@ -56,11 +56,13 @@ class CalibrationReport:
     train_step_index: torch.Tensor | None = None
     data_seconds: float = 0.0
     calibration_seconds: float = 0.0
+    data_digest: str | None = None  # CalibrationData.digest() of the set calibrated on
 
     def summary(self) -> dict:
         return {
             "data_seconds": round(self.data_seconds, 2),
             "calibration_seconds": round(self.calibration_seconds, 2),
+            "data_digest": self.data_digest,
             "units": [
                 {k: (round(v, 6) if isinstance(v, float) else v) for k, v in u.__dict__.items()
                  if not isinstance(v, torch.Tensor) and v is not None}

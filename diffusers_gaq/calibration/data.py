@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import GradientAlignedQuantizer
+from ..digests import tensors_digest
 from ..models.base import CalibrationConditioning
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,11 @@ class CalibrationData:
                              f"(first: {int(torch.nonzero(bad)[0])}); regenerate it with the full-precision pipeline")
         if bool(self.is_val.all()):
             raise ValueError("calibration data holds no training samples (every sample is held out; lower val_fraction)")
+
+    def digest(self) -> str:
+        """sha256 of every tensor (samples, timesteps, split, conditioning): equal digests mean the same
+        calibration set, which is what pairs two methods' runs of one seed."""
+        return tensors_digest(self.to_tensors())
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {k: getattr(self, k) for k in ("samples", "timesteps", "step_index", "group", "is_val")}
