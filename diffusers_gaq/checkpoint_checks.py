@@ -1,4 +1,4 @@
-"""Checks a quantized load runs on what it reads (serialization.load_quantized).
+"""Checks a quantized load runs on what it reads (modeling.load_quantized).
 
 A checkpoint is trusted only as far as it agrees with itself: the JSON has the structure
 save_quantized writes, the layer table agrees with the model its "config" rebuilds, the tensors
@@ -13,17 +13,17 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint_layout import PACKED_SUFFIX, WEIGHTS_NAME, CheckpointError
 from .config import ACT_BITS_RANGE, WEIGHT_BITS_RANGE
 from .digests import tensors_digest
+from .quant.layers import QuantLayer
+from .quant.packing import packed_nbytes
 
 DIGEST_FIELD = "weights_sha256"
 _RESTORE = "restore the folder from the original save (or download / copy it again)"
 
 
 def _error(message: str) -> Exception:
-    # Imported here: serialization imports this module, and defines CheckpointError.
-    from .serialization import CheckpointError
-
     return CheckpointError(message)
 
 
@@ -131,9 +131,6 @@ def verify_layer_table(model, table: dict, config_path: Path, model_config_name:
     with the bit widths its weight_bits / act_bits / layer_precision / first_last_precision /
     keep_fp resolve to) has a table entry that agrees with it: shape, packed size, bit widths and
     split; and the table names no other layer. Run before the table's weight bits are applied."""
-    from .quant.layers import QuantLayer
-    from .quant.packing import packed_nbytes
-
     wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
     for name, layer in wrapped:
         entry = table.get(name)
@@ -149,8 +146,6 @@ def verify_layer_table(model, table: dict, config_path: Path, model_config_name:
         if bits is not None and entry.get("codes_nbytes") is not None:
             need = packed_nbytes(math.prod(shape), bits)
             if entry["codes_nbytes"] != need:
-                from .serialization import PACKED_SUFFIX, WEIGHTS_NAME
-
                 raise _error(f"{config_path.parent / WEIGHTS_NAME}: {name}{PACKED_SUFFIX} holds {entry['codes_nbytes']} "
                              f"bytes but {bits}-bit codes of shape {tuple(shape)} need {need}; the bit widths in "
                              f"{config_path.name} disagree with the tensors: {_RESTORE}")

@@ -1,7 +1,7 @@
 """Resumable calibration: the calibration state on disk, saved after every finished unit.
 
 A checkpoint folder (``quantize_pipeline(..., checkpoint_dir=...)``, CLI ``--checkpoint-dir``)
-holds two files, each written atomically (temporary file, fsync, rename: utils.atomic_path), so
+holds two files, each written atomically (temporary file, fsync, rename: files.atomic_path), so
 a crash at any moment leaves the previous complete file, or none:
 
     calibration_data.safetensors    the calibration set, written once, right after it is collected
@@ -34,14 +34,20 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import diffusers
 import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
 
-from .calibration.calibrate import CalibrationReport, UnitReport
+from ._version import __version__
+from .calibration.calibrate import CalibrationReport, CalibrationStart, UnitHook, UnitReport
 from .calibration.data import CalibrationData
 from .config import GradientAlignedQuantizer
 from .digests import tensor_digest, tensors_digest
+from .files import atomic_save_safetensors, check_writable_location
+from .models import family_for
+from .quant.layers import QuantLayer
 from .serialization import CheckpointError
-from .utils import atomic_save_safetensors, check_writable_location
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +134,6 @@ def describe_mismatch(saved: dict, current: dict) -> list[str]:
 
 
 def _versions() -> dict:
-    import diffusers
-
-    from . import __version__
-
     return {"diffusers_gaq": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
@@ -169,8 +171,6 @@ def estimated_checkpoint_bytes(model, config: GradientAlignedQuantizer, family=N
     """Room the checkpoint needs: the state file twice (the old one stays until the new one is
     whole) at about 1.5x the model (FP weights plus codes and quantizer state), plus the data
     (counted with two conditioning branches, classifier-free guidance's upper bound)."""
-    from .models import family_for
-
     family = family or family_for(model)
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     c, h, w = family.sample_shape(model)
@@ -181,27 +181,23 @@ def estimated_checkpoint_bytes(model, config: GradientAlignedQuantizer, family=N
 
 # ---- what a resumed run starts from ------------------------------------------------------------
 @dataclass
-class ResumePoint:
+class ResumePoint(CalibrationStart):
     """Where calibration starts: nothing (a fresh run), the calibration data, or data plus the state
-    after ``next_unit`` finished units."""
+    after ``next_unit`` finished units (with the sample scores they carried)."""
 
     data: CalibrationData | None = None
     data_seconds: float = 0.0
-    next_unit: int = 0
     unit_names: list[str] = field(default_factory=list)
     model_state: dict[str, torch.Tensor] | None = None
-    scores: torch.Tensor | None = None
     units: list[UnitReport] = field(default_factory=list)
 
     @torch.no_grad()
-    def restore(self, model, family) -> None:
-        """Put the finished units' state into a freshly wrapped ``model`` (a no-op for a fresh start)."""
+    def restore(self, model, units: list[tuple[str, nn.Module]]) -> None:
+        """Put the finished units' state into a freshly wrapped ``model`` whose reconstruction units
+        are ``units`` (a no-op for a fresh start)."""
         if self.model_state is None:
             return
-        from .models.wrap import reconstruction_units
-        from .quant.layers import QuantLayer
-
-        names = [n for n, _ in reconstruction_units(model, family)]
+        names = [n for n, _ in units]
         if names != self.unit_names:
             raise CheckpointMismatchError(
                 f"the checkpoint's reconstruction units ({len(self.unit_names)}) differ from this model's "
@@ -250,9 +246,10 @@ def _join_unit(fields: dict, tensors: dict[str, torch.Tensor]) -> UnitReport:
 class CalibrationCheckpoint:
     """The checkpoint folder of one run, identified by its fingerprint (see :func:`run_fingerprint`)."""
 
-    def __init__(self, directory: str | os.PathLike, fingerprint: dict):
+    def __init__(self, directory: str | os.PathLike, fingerprint: dict, dist=None):
         self.directory = Path(directory)
         self.fingerprint = fingerprint
+        self.dist = dist  # distributed.Dist of a multi-process run: only its main process writes
 
     @property
     def data_path(self) -> Path:
@@ -264,14 +261,12 @@ class CalibrationCheckpoint:
 
     # -- writing (main process only) --
     def _write(self, path: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> None:
-        from .distributed import is_main_process, wait_for_everyone
-
         # The report's diagnostics may legitimately hold NaN (a cosine of a zero gradient); the state a
         # run resumes from may not. Every process holds the same state, so every process refuses.
         for key, value in tensors.items():
             if not key.startswith("report.") and value.is_floating_point() and torch.isnan(value).any():
                 raise FloatingPointError(f"refusing to write {path}: tensor {key} holds NaN")
-        if is_main_process():
+        if self.dist is None or self.dist.is_main:
             manifest = dict(manifest, format_version=FORMAT_VERSION, fingerprint=self.fingerprint,
                             digest=tensors_digest(tensors), versions=_versions())
             text = json.dumps(manifest, sort_keys=True, default=str)  # default: a report field JSON cannot spell
@@ -279,7 +274,8 @@ class CalibrationCheckpoint:
             logger.debug("wrote %s", path)
         # The others read these files only on a later resume, but they must not run ahead of a
         # failing write either.
-        wait_for_everyone()
+        if self.dist is not None:
+            self.dist.wait_for_everyone()
 
     def save_data(self, data: CalibrationData, data_seconds: float = 0.0) -> None:
         self._write(self.data_path, {f"data.{k}": v for k, v in data.to_tensors().items()},
@@ -302,24 +298,18 @@ class CalibrationCheckpoint:
         logger.info("checkpoint: unit %d/%d (%s) saved to %s", index + 1, len(unit_names), unit_names[index],
                     self.state_path)
 
-    def unit_callback(self, model, family, resumed: ResumePoint, then=None):
-        """An ``on_unit_done`` for calibrate_model: call ``then`` (if any: the cross-process sync check),
-        then save the state with the reports of the units done before a resume in front."""
-        from .models.wrap import reconstruction_units
+    def unit_hook(self, model, units: list[tuple[str, nn.Module]], resumed: ResumePoint) -> UnitHook:
+        """A per-unit hook for calibrate_model: save the state, with the reports of the units done
+        before a resume in front."""
+        names = [n for n, _ in units]
 
-        names = [n for n, _ in reconstruction_units(model, family)]
-
-        def on_unit_done(index: int, scores: torch.Tensor, report: CalibrationReport) -> None:
-            if then is not None:
-                then(index, scores, report)
+        def save(index: int, scores: torch.Tensor, report: CalibrationReport) -> None:
             self.save_unit(index, model, names, scores, resumed.units + report.units)
 
-        return on_unit_done
+        return save
 
     # -- reading --
     def _read(self, path: Path, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
-        from safetensors import SafetensorError, safe_open
-
         hint = (f"delete {path.name} to resume from the calibration data" if kind == "state"
                 else f"delete {self.directory} to start over")
         try:
@@ -380,19 +370,18 @@ class CalibrationCheckpoint:
         return point
 
 
-def open_checkpoint(directory: str | os.PathLike | None, resume: bool, pipe, config: GradientAlignedQuantizer,
-                    calibration_data: CalibrationData | None = None
+def open_checkpoint(directory: str | os.PathLike | None, resume: bool, family, model, scheduler_config,
+                    config: GradientAlignedQuantizer, calibration_data: CalibrationData | None = None, dist=None
                     ) -> tuple[CalibrationCheckpoint | None, ResumePoint]:
     """quantize_pipeline's entry point: check the folder and, when resuming, read and verify the
-    checkpoint, all before any sampling. Returns (checkpoint or None, where to start)."""
-    from .models import denoiser_of
-
-    family, _, model = denoiser_of(pipe)
+    checkpoint, all before any sampling. ``model``: the FP denoiser (``family`` its family);
+    ``dist``: the process group of a multi-process run (only its main process writes). Returns
+    (checkpoint or None, where to start)."""
     check_checkpoint_dir(directory, resume, estimated_checkpoint_bytes(model, config, family) if directory else 0)
     if directory is None:
         return None, ResumePoint()
-    checkpoint = CalibrationCheckpoint(directory, run_fingerprint(model, pipe.scheduler.config, config,
-                                                                  calibration_data))
+    checkpoint = CalibrationCheckpoint(directory, run_fingerprint(model, scheduler_config, config, calibration_data),
+                                       dist=dist)
     return checkpoint, checkpoint.load() if resume else ResumePoint()
 
 

@@ -116,7 +116,7 @@ def _check_output(path: Path, overwrite: bool) -> None:
     caller (quantize: _check_replaceable)."""
     import shutil
 
-    from .utils import check_writable_location
+    from .files import check_writable_location
 
     if path.exists() and not path.is_dir():
         raise CLIError(f"--output {path} is a file, not a folder; delete it or choose another --output")
@@ -133,7 +133,7 @@ def _check_output(path: Path, overwrite: bool) -> None:
 def _check_replaceable(out: Path, model: str) -> None:
     """--overwrite replaces the output folder as a whole: refuse one that holds the input model or
     anything a quantized save did not write (the message lists it); the input is never deleted."""
-    from .serialization import check_replaceable
+    from .folders import check_replaceable
 
     if model != REFERENCE and Path(model).exists():
         source, target = Path(model).resolve(), out.resolve()
@@ -194,9 +194,9 @@ def _check_space_for_model(out: Path, pipe) -> None:
 
 def cmd_quantize(args) -> int:
     from .distributed import is_main_process, wait_for_everyone
-    from .pipeline import check_pipeline, quantize_pipeline
-    from .serialization import save_quantized_pipeline
-    from .utils import resolve_device
+    from .quantize import check_pipeline, quantize_pipeline
+    from .runtime import resolve_device
+    from .modeling import save_quantized_pipeline
 
     # Everything that can be checked without the model is checked before it is loaded; the rest
     # (pipeline type, disk space for its size, the checkpoint's fingerprint) before any sampling.
@@ -229,7 +229,7 @@ def _denoiser(pipe):
 
 
 def _load_pair(directory: str, baseline: str | None):
-    from .serialization import load_quantized_pipeline
+    from .modeling import load_quantized_pipeline
 
     qpipe = load_quantized_pipeline(directory)
     from .reference import PIPELINE_DIR
@@ -241,7 +241,7 @@ def _load_pair(directory: str, baseline: str | None):
 
 
 def _save_png(image, path: Path) -> None:
-    from .utils import atomic_path
+    from .files import atomic_path
 
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")  # the temporary name ends in .tmp: name the format
@@ -249,7 +249,7 @@ def _save_png(image, path: Path) -> None:
 
 def cmd_evaluate(args) -> int:
     from .evaluation import compare, image_grid
-    from .utils import atomic_write_text
+    from .files import atomic_write_text
 
     directory = Path(args.directory)
     if args.baseline:
@@ -276,9 +276,9 @@ def cmd_evaluate(args) -> int:
 def _update_card(qpipe, directory: Path) -> None:
     """Rewrite the model card (and its plots) in place, file by file and atomically: saving the
     whole pipeline again would replace the folder, and with it the report just written into it."""
+    from .files import atomic_write_bytes
     from .hub import write_model_card
-    from .serialization import quantized_model_dir
-    from .utils import atomic_write_bytes
+    from .folders import quantized_model_dir
 
     denoiser_dir = quantized_model_dir(directory)
     card = write_model_card(_denoiser(qpipe), denoiser_dir)
@@ -301,8 +301,9 @@ def cmd_push(args) -> int:
 
 def cmd_info(args) -> int:
     from .config import CONFIG_NAME
-    from .serialization import (WEIGHTS_NAME, CheckpointError, checkpoint_weight_bits, precision_groups,
-                                quantized_model_dir)
+    from .serialization import WEIGHTS_NAME, CheckpointError
+    from .weight_bits import checkpoint_weight_bits, precision_groups
+    from .folders import quantized_model_dir
 
     directory = Path(args.directory)
     unet_dir = quantized_model_dir(directory)  # a whole pipeline keeps it in unet/ or transformer/
@@ -362,10 +363,10 @@ def cmd_demo(args) -> int:
 
     from .config import GradientAlignedQuantizer
     from .evaluation import compare, image_grid
-    from .pipeline import quantize_pipeline
+    from .files import atomic_write_text
+    from .quantize import quantize_pipeline
     from .reference import load_reference_pipeline
-    from .serialization import save_quantized_pipeline
-    from .utils import atomic_write_text
+    from .modeling import save_quantized_pipeline
 
     out = Path(args.output)
     _check_output(out, overwrite=True)  # its files are replaced; other files in the folder stay
@@ -398,8 +399,8 @@ def cmd_demo(args) -> int:
 def cmd_sensitivity(args) -> int:
     """Per-layer damage of quantizing one layer alone; writes sensitivity.json / .md / .png."""
     from .config import GradientAlignedQuantizer
+    from .files import atomic_write_text
     from .sensitivity import analyze_sensitivity
-    from .utils import atomic_write_text
 
     config = GradientAlignedQuantizer(weight_bits=args.weight_bits, act_bits=_act_bits(args.act_bits), seed=args.seed,
                                       device=args.device, **BUDGETS[args.budget])
@@ -536,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .utils import setup_logging
+    from .runtime import setup_logging
 
     setup_logging(args.verbose)
     try:

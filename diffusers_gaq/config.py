@@ -359,7 +359,7 @@ class GradientAlignedQuantizer:
         return json.dumps(sorted_fields(self.to_dict()), indent=2) + "\n"
 
     def to_json_file(self, path: str | os.PathLike) -> None:
-        from .utils import atomic_write_text
+        from .files import atomic_write_text
 
         atomic_write_text(path, self.to_json_string())
 

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from .calibration.gradients import pack_grads, unpack_grads
+
 logger = logging.getLogger(__name__)
 
 # What to type instead, named by every error below.
@@ -124,29 +126,6 @@ def check_launch(num_processes: int, env_world_size: int, accelerate_requested: 
     if accelerate_requested is not None and accelerate_requested > 1:
         raise RuntimeError(
             f"`accelerate launch` was asked for {accelerate_requested} processes but started a single one; {LAUNCH_FIX}")
-
-
-def pack_grads(grads, params, dtype=None, device=None) -> torch.Tensor:
-    """One flat vector: every gradient flattened (zeros where it is None), then one presence flag per
-    parameter. Summing such vectors from several sources and :func:`unpack_grads` gives each
-    parameter the summed gradient, or None where no source had one."""
-    dtype = dtype or next((g.dtype for g in grads if g is not None), params[0].dtype)
-    parts = [(g if g is not None else torch.zeros_like(p)).detach().reshape(-1).to(device, dtype)
-             for g, p in zip(grads, params)]
-    present = torch.tensor([float(g is not None) for g in grads], dtype=dtype, device=parts[0].device)
-    return torch.cat(parts + [present])
-
-
-def unpack_grads(params, flat: torch.Tensor) -> None:
-    """Set ``p.grad`` from a (summed) :func:`pack_grads` vector; None where no source had a gradient,
-    as in a single process (Adam then skips the parameter instead of counting a zero step)."""
-    offset = sum(p.numel() for p in params)
-    flags = flat[offset:].tolist()
-    offset = 0
-    for p, flag in zip(params, flags):
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).to(p.device).clone() if flag else None
-        offset += n
 
 
 class Dist:
@@ -313,14 +292,11 @@ def sync_check_enabled() -> bool:
     return os.environ.get("GAQ_CHECK_SYNC", "0").lower() in ("1", "true", "yes")
 
 
-def unit_sync_check(dist: Dist | None, model, family):
-    """An ``on_unit_done`` callback for ``calibrate_model`` asserting that every process holds the same
+def unit_sync_check(dist: Dist | None, units: list[tuple[str, torch.nn.Module]]):
+    """A per-unit hook for ``calibrate_model`` asserting that every process holds the same
     unit state (codes, scales, step sizes) and scores after each unit; None unless GAQ_CHECK_SYNC=1."""
     if dist is None or not sync_check_enabled():
         return None
-    from .models.wrap import reconstruction_units
-
-    units = reconstruction_units(model, family)
 
     def check(index: int, scores: torch.Tensor, report) -> None:
         name, unit = units[index]
@@ -379,6 +355,5 @@ def wait_for_everyone() -> None:
         dist.wait_for_everyone()
 
 
-__all__ = ["Dist", "LAUNCH_FIX", "check_launch", "detect", "is_main_process", "launched_world_size", "pack_grads",
-           "unpack_grads",
+__all__ = ["Dist", "LAUNCH_FIX", "check_launch", "detect", "is_main_process", "launched_world_size",
            "requested_by_accelerate_launcher", "unit_sync_check", "wait_for_everyone"]

@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .utils import atomic_path
+from .files import atomic_path
 
 logger = logging.getLogger(__name__)
 

@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 from .calibration.data import CalibrationData, collect_calibration_data
 from .config import GradientAlignedQuantizer
 from .evaluation import as_ddim, generate, sample_psnr
-from .models import denoiser_of
+from .files import atomic_write_text
+from .models import denoiser_of, rebuild_pipeline
 from .models.wrap import attention_cores, quant_layers, set_observing, set_quant_state, wrap_model
-from .utils import atomic_write_text, resolve_device
+from .runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -303,8 +304,6 @@ class _ImageProbe:
     """DDIM images of the (partly quantized) model from fixed noise, against the FP images."""
 
     def __init__(self, pipe, component: str, model, num_images: int, num_inference_steps: int, seed: int):
-        from .pipeline import rebuild_pipeline
-
         self.pipe = rebuild_pipeline(pipe, component, model)
         self.num_images, self.steps, self.seed = num_images, num_inference_steps, seed
         self.reference = self._generate()  # every quantizer is off here: the FP images

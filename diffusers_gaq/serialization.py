@@ -1,4 +1,4 @@
-"""Save and load quantized models: packed integer weights, scales, zero points, activation steps.
+"""The checkpoint format of a quantized model: packed integer weights, scales, zero points, activation steps.
 
 A checkpoint folder holds
     config.json                          the base model's diffusers config
@@ -8,48 +8,45 @@ A checkpoint folder holds
                                          and every non-quantized tensor (norms, kept-FP layers)
     calibration_report.safetensors/.json learned sample weights with their timesteps, per-unit losses
     README.md                            the model card
-Only safetensors and JSON: nothing is unpickled.
+Only safetensors and JSON: nothing is unpickled. This module writes and reads those files and
+nothing else: modeling.py builds the model from them, hub/ writes the card and uploads.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from . import checkpoint_checks as checks
-from .config import CONFIG_NAME, FP_TAG, GradientAlignedQuantizer, precision_tag, sorted_fields
+from .calibration.report_io import report_from_files, report_to_files
+from .checkpoint_layout import (
+    FORMAT_VERSION,
+    MODEL_CONFIG_NAME,
+    PACKED_SUFFIX,
+    REPORT_JSON,
+    REPORT_TENSORS,
+    WEIGHTS_NAME,
+    CheckpointError,
+)
+from .config import CONFIG_NAME, GradientAlignedQuantizer, sorted_fields
+from .files import atomic_save_safetensors, atomic_write_text
 from .quant.layers import QuantLayer
-from .quant.quantizers import ActQuantizer
 from .quant.packing import pack_bits, packed_nbytes, unpack_bits
-from .utils import atomic_directory, atomic_save_safetensors, atomic_write_text
+from .quant.quantizers import ActQuantizer
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-MODEL_CONFIG_NAME = "config.json"
-REPORT_TENSORS = "calibration_report.safetensors"
-REPORT_JSON = "calibration_report.json"
-# 2: quantization_config.json records weights_sha256, the digest of the weights file's tensors.
-# Version 1 checkpoints (no digest) still load.
-FORMAT_VERSION = 2
-PACKED_SUFFIX = ".weight_packed"
-
-
-class CheckpointError(ValueError):
-    """A folder is not a readable diffusers-gaq checkpoint; the message names the file and the problem."""
 
 
 def _base_class(model) -> type:
-    from .models.quantized import QuantizedModelMixin
-
-    return next(c for c in type(model).__mro__ if c is not QuantizedModelMixin and not issubclass(c, QuantizedModelMixin))
-
+    """The diffusers class a quantized model extends (``QuantizedUNet2DModel`` -> ``UNet2DModel``)."""
+    return getattr(type(model), "diffusers_base_class", type(model))
 
 # Per-layer quantizer tensors are stored as a few flat tensors: a checkpoint of a small model
 # with one entry per tiny tensor spends more bytes on the safetensors JSON header than on scales.
@@ -106,7 +103,7 @@ def quantized_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in state.items()}
 
 
-def _restore_quantizers(model, state: dict, table: dict, per_channel: bool, weights_path: Path) -> None:
+def restore_quantizers(model, state: dict, table: dict, per_channel: bool, weights_path: Path) -> None:
     """Inverse of quantized_state_dict's flattening: put codes, scales and zero points back into the
     freshly wrapped ``model`` and the per-module entries back into ``state``, checking every value
     on the way (the table itself was checked against the model by checks.verify_layer_table)."""
@@ -192,241 +189,41 @@ def layer_table(model) -> dict[str, dict]:
     return table
 
 
-# ---- what a checkpoint holds, per precision ---------------------------------------------------
-_SAFETENSORS_BITS = {"F16": 16, "BF16": 16, "F32": 32, "F64": 64}
-
-
-@dataclass
-class WeightBits:
-    """Storage of a quantized model's Conv2d / Linear weights: integer codes at their bit widths,
-    full-precision weights at their dtype's (32, or 16 for a half-precision model)."""
-
-    quantized_weights: int = 0
-    fp_weights: int = 0
-    total_bits: int = 0
-    packed_bytes: int = 0  # bytes of the packed codes (as stored in gaq.weight_codes)
-
-    def add(self, numel: int, bits: int | None, fp_bits: int) -> None:
-        if bits is None:
-            self.fp_weights += numel
-            self.total_bits += numel * fp_bits
-        else:
-            self.quantized_weights += numel
-            self.total_bits += numel * bits
-            self.packed_bytes += packed_nbytes(numel, bits)
-
-    @property
-    def bits_per_weight(self) -> float:
-        total = self.quantized_weights + self.fp_weights
-        return self.total_bits / total if total else 0.0
-
-
-def model_weight_bits(model) -> WeightBits:
-    """WeightBits of a wrapped model: every Conv2d / Linear, wrapped (codes) or not (its dtype)."""
-    from torch import nn
-
-    result, inner = WeightBits(), set()
-    for module in model.modules():
-        if isinstance(module, QuantLayer):
-            inner.add(id(module.layer))
-            wq = module.weight_quantizer
-            weight = module.layer.weight
-            result.add(weight.numel(), wq.bits if wq is not None else None, weight.element_size() * 8)
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and id(module) not in inner:
-            result.add(module.weight.numel(), None, module.weight.element_size() * 8)
-    return result
-
-
-def checkpoint_weight_bits(folder: str | os.PathLike) -> WeightBits:
-    """WeightBits of a saved quantized model (the folder holding quantization_config.json), from
-    its layer table and the safetensors header (shapes and dtypes of the FP weights; nothing is loaded)."""
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    qcfg = _read_json(folder / CONFIG_NAME)
-    result = WeightBits()
-    with safe_open(str(folder / WEIGHTS_NAME), "pt") as tensors:
-        keys = set(tensors.keys())
-
-        def fp_bits(key: str) -> int:
-            return _SAFETENSORS_BITS.get(tensors.get_slice(key).get_dtype(), 32) if key in keys else 32
-
-        for name, entry in qcfg.get("layers", {}).items():
-            numel = 1
-            for dim in entry["weight_shape"]:
-                numel *= dim
-            result.add(numel, entry["weight_bits"], fp_bits(f"{name}.layer.weight"))
-        for name in qcfg.get("kept_fp", []):
-            key = f"{name}.weight"
-            if key in keys:
-                shape = tensors.get_slice(key).get_shape()
-                numel = 1
-                for dim in shape:
-                    numel *= dim
-                result.add(numel, None, fp_bits(key))
-    return result
-
-
-def precision_groups(layers: dict[str, dict], kept_fp=()) -> dict[str, list[str]]:
-    """{precision tag ("w4a8", "w8", "a8", "fp"): layer names}, the largest group first; ``layers``
-    is a layer table (quantization_config.json's "layers"), ``kept_fp`` the unwrapped layers."""
-    groups: dict[str, list[str]] = {}
-    for name, entry in layers.items():
-        groups.setdefault(precision_tag(entry["weight_bits"], entry["act_bits"]), []).append(name)
-    if kept_fp:
-        groups.setdefault(FP_TAG, []).extend(kept_fp)
-    return dict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
-
-
-def format_precision_groups(groups: dict[str, list[str]], max_names: int = 4) -> str:
-    """One line: "w4a8: 58 layers; fp: conv_in, conv_out; ..." (names when a group is small)."""
-    parts = []
-    for tag, names in groups.items():
-        parts.append(f"{tag}: {', '.join(names)}" if len(names) <= max_names else f"{tag}: {len(names)} layers")
-    return "; ".join(parts)
-
-
-def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool = False,
-                   model_card: bool = True, **_ignored) -> Path:
-    """Write the checkpoint folder atomically: it is built beside the target and renamed into place,
-    so an interrupted save leaves the previous folder (or none). An existing folder is replaced
-    only when it is empty or holds nothing but an earlier quantized save (check_replaceable)."""
-    target = Path(save_directory)
-    # Like diffusers' save_pretrained, a save replaces an earlier save; unlike it, never other files
-    # (overwrite=True allows no more than that: it is accepted for symmetry with the pipeline save).
-    check_replaceable(target, pipeline=False)
+# ---- writing -----------------------------------------------------------------------------------
+def write_quantized_files(model, folder: Path, *, config: GradientAlignedQuantizer, wrap, report=None,
+                          base_model: str | None = None, timestep_groups=None) -> None:
+    """Write config.json, quantization_config.json, the packed weights and (when there is one) the
+    calibration report into ``folder``, each file atomically. ``base_model`` is recorded as given: the
+    caller makes it publishable (hub.public_base_model), since a push uploads this file."""
     state = quantized_state_dict(model)
-    with atomic_directory(target) as tmp:
-        base = _base_class(model)
-        cfg = dict(model.config)
-        cfg["_class_name"] = base.__name__
-        atomic_write_text(tmp / MODEL_CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True, default=list) + "\n")
-        wrap = model.gaq_wrap
-        qcfg = {
-            "quant_method": "gaq",
-            "format_version": FORMAT_VERSION,
-            "base_class": base.__name__,
-            "config": sorted_fields(model.gaq_config.to_dict()),
-            "layers": layer_table(model),
-            "base_model": _public_base_model(getattr(model, "gaq_base_model", None)),  # uploaded by push: no local path
-            "kept_fp": list(wrap.kept_fp) if wrap else [],
-            "attention": list(wrap.attention) if wrap else [],
-            checks.DIGEST_FIELD: checks.weights_digest(state),  # verified at load: catches a flipped byte
-        }
-        groups = getattr(model, "gaq_timestep_groups", None)
-        if groups is not None:
-            qcfg["timestep_groups"] = groups.to_dict()
-        # Not sort_keys: layer_precision's order decides which pattern wins, and the layer table reads
-        # best in module order.
-        atomic_write_text(tmp / CONFIG_NAME, json.dumps(sorted_fields(qcfg), indent=2) + "\n")
-        atomic_save_safetensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "gaq_format_version": str(FORMAT_VERSION)})
-        if model.gaq_report is not None:
-            from .calibration.report_io import report_to_files
-
-            report_to_files(model.gaq_report, tmp / REPORT_TENSORS, tmp / REPORT_JSON)
-        if model_card:
-            from .hub import write_model_card
-
-            write_model_card(model, tmp)
-    logger.info("saved quantized model to %s", target)
-    return target
+    cfg = dict(model.config)
+    base = _base_class(model)
+    cfg["_class_name"] = base.__name__
+    atomic_write_text(folder / MODEL_CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True, default=list) + "\n")
+    qcfg = {
+        "quant_method": "gaq",
+        "format_version": FORMAT_VERSION,
+        "base_class": base.__name__,
+        "config": sorted_fields(config.to_dict()),
+        "layers": layer_table(model),
+        "base_model": base_model,
+        "kept_fp": list(wrap.kept_fp) if wrap else [],
+        "attention": list(wrap.attention) if wrap else [],
+        checks.DIGEST_FIELD: checks.weights_digest(state),  # verified at load: catches a flipped byte
+    }
+    if timestep_groups is not None:
+        qcfg["timestep_groups"] = timestep_groups.to_dict()
+    # Not sort_keys: layer_precision's order decides which pattern wins, and the layer table reads
+    # best in module order.
+    atomic_write_text(folder / CONFIG_NAME, json.dumps(sorted_fields(qcfg), indent=2) + "\n")
+    atomic_save_safetensors(state, folder / WEIGHTS_NAME,
+                            metadata={"format": "pt", "gaq_format_version": str(FORMAT_VERSION)})
+    if report is not None:
+        report_to_files(report, folder / REPORT_TENSORS, folder / REPORT_JSON)
 
 
-# ---- what a save may replace ------------------------------------------------------------------
-# A save replaces its target folder as a whole, so it may only replace what a save of ours wrote:
-# everything else in the folder (an input model, a user's notes) would be deleted without a word.
-CARD_FILE = "README.md"
-MODEL_INDEX = "model_index.json"
-EVALUATION_DIR = "evaluation"  # `diffusers-gaq evaluate`'s default report folder
-_MODEL_FILES = frozenset({MODEL_CONFIG_NAME, CONFIG_NAME, WEIGHTS_NAME, REPORT_TENSORS, REPORT_JSON, CARD_FILE})
-# What diffusers / transformers save_pretrained write into a component folder (configs, weights,
-# tokenizer vocabularies).
-_COMPONENT_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
-_SHOWN_FILES = 5
-
-
-def check_replaceable(target: Path, *, pipeline: bool) -> None:
-    """Refuse, before any work, to replace ``target`` unless it is absent, an empty folder, or holds
-    nothing but an earlier save of ours: a quantized model folder (``pipeline=False``: its
-    quantization_config.json with quant_method "gaq", and only the files save_quantized writes), or
-    a quantized pipeline folder (model_index.json, a quantized denoiser folder as above, component
-    folders named in model_index.json holding configs / weights / vocabularies, the card and plots
-    at the top, and an ``evaluation/`` report). The message lists the files that are not ours."""
-    target = Path(target)
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise FileExistsError(f"{target} is a file, not a folder; delete it or choose another folder")
-    if not any(target.iterdir()):
-        return
-    problem = _pipeline_problem(target) if pipeline else _model_problem(target)
-    if problem:
-        raise FileExistsError(f"refusing to replace {target}: {problem}; nothing was changed. Move those files "
-                              "elsewhere, delete the folder yourself if it is really not needed, or choose another "
-                              "folder")
-
-
-def _is_quantized_model_dir(folder: Path) -> bool:
-    try:
-        qcfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(qcfg, dict) and qcfg.get("quant_method") == "gaq"
-
-
-def _model_problem(folder: Path) -> str | None:
-    if not _is_quantized_model_dir(folder):
-        return f"it holds no diffusers-gaq {CONFIG_NAME}, so it is not an earlier quantized save"
-    return _foreign_files_problem(folder, [p for p in folder.iterdir() if not _is_model_file(p)])
-
-
-def _is_model_file(path: Path) -> bool:
-    return path.is_file() and (path.name in _MODEL_FILES or path.suffix == ".png")  # .png: the card's plots
-
-
-def _pipeline_problem(folder: Path) -> str | None:
-    components = _model_index_components(folder / MODEL_INDEX)
-    denoiser = quantized_model_dir(folder)
-    if components is None or denoiser == folder or not _is_quantized_model_dir(denoiser):
-        return (f"it holds no {MODEL_INDEX} with a diffusers-gaq quantized denoiser, so it is not an earlier "
-                "quantized pipeline save")
-    foreign = [p for p in denoiser.iterdir() if not _is_model_file(p)]
-    for entry in folder.iterdir():
-        if entry == denoiser:
-            continue
-        if entry.is_file():
-            ours = entry.name in (MODEL_INDEX, CARD_FILE) or entry.suffix == ".png"
-            foreign += [] if ours else [entry]
-        elif entry.name == EVALUATION_DIR:
-            foreign += [p for p in entry.iterdir() if not (p.is_file() and p.suffix in (".json", ".png"))]
-        elif entry.name in components:
-            foreign += [p for p in entry.iterdir() if not (p.is_file() and p.suffix in _COMPONENT_SUFFIXES)]
-        else:
-            foreign.append(entry)
-    return _foreign_files_problem(folder, foreign)
-
-
-def _model_index_components(path: Path) -> set[str] | None:
-    """The component names model_index.json lists, or None when it is missing or not an index."""
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(index, dict):
-        return None
-    return {name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)}
-
-
-def _foreign_files_problem(folder: Path, foreign: list[Path]) -> str | None:
-    if not foreign:
-        return None
-    names = sorted(str(p.relative_to(folder)) + ("/" if p.is_dir() else "") for p in foreign)
-    more = f" and {len(names) - _SHOWN_FILES} more" if len(names) > _SHOWN_FILES else ""
-    return f"it holds files a quantized save does not write: {', '.join(names[:_SHOWN_FILES])}{more}"
-
-
-def _read_json(path: Path) -> dict:
+# ---- reading -----------------------------------------------------------------------------------
+def read_json(path: Path) -> dict:
     """A JSON file whose top level is an object (anything else is damage), as a dict."""
     try:
         return checks.verify_json_object(json.loads(path.read_text(encoding="utf-8")), path)
@@ -437,43 +234,17 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated") from None
 
 
-def quantized_model_dir(folder: Path) -> Path:
-    """The folder holding the quantized model's config: ``folder`` itself for a saved model, its
-    denoiser's subfolder (``unet/``, ``transformer/``) for a saved pipeline."""
-    from .models import FAMILIES
 
-    for component in dict.fromkeys(f.component for f in FAMILIES):
-        if (folder / component / CONFIG_NAME).is_file():
-            return folder / component
-    return folder
-
-
-def resolve_checkpoint(path_or_repo: str | os.PathLike, **hub_kwargs) -> Path:
-    """A local folder as is; otherwise a Hub repo id, downloaded with huggingface_hub."""
-    path = Path(path_or_repo)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{path} is a file; pass the checkpoint folder")
-    from huggingface_hub import snapshot_download
-
-    from .hub import check_repo_id
-
-    check_repo_id(str(path_or_repo))
-    allowed = hub_kwargs.pop("allow_patterns", ["*.json", "*.safetensors", "*.md", "*.png"])
-    return Path(snapshot_download(str(path_or_repo), allow_patterns=allowed, **hub_kwargs))
-
-
-def _read_quantization_config(folder: Path) -> dict:
+def read_quantization_config(folder: Path) -> dict:
     path = folder / CONFIG_NAME
-    qcfg = checks.verify_quantization_config(_read_json(path), path, FORMAT_VERSION)
+    qcfg = checks.verify_quantization_config(read_json(path), path, FORMAT_VERSION)
     if checks.DIGEST_FIELD not in qcfg:
         logger.debug("%s has no %s (format version %s): the weights are loaded without a digest check",
                      path, checks.DIGEST_FIELD, qcfg.get("format_version", 0))
     return qcfg
 
 
-def _saved_quantizer_config(qcfg: dict, path: Path) -> GradientAlignedQuantizer:
+def saved_quantizer_config(qcfg: dict, path: Path) -> GradientAlignedQuantizer:
     saved_config = dict(qcfg["config"])
     # Checkpoints from before per-layer precision quantized the first and last layers like the rest.
     saved_config.setdefault("first_last_precision", "same")
@@ -484,12 +255,10 @@ def _saved_quantizer_config(qcfg: dict, path: Path) -> GradientAlignedQuantizer:
                               "or is damaged: restore it from the original save") from None
 
 
-def _build_base_model(qcfg: dict, folder: Path):
+def build_base_model(qcfg: dict, folder: Path):
     """The saved base class, built from config.json with random weights (they are all overwritten)."""
-    import diffusers
-
     model_cfg_path = folder / MODEL_CONFIG_NAME
-    model_cfg = _read_json(model_cfg_path)
+    model_cfg = read_json(model_cfg_path)
     base_name = qcfg.get("base_class", model_cfg.get("_class_name"))
     base = getattr(diffusers, base_name, None) if isinstance(base_name, str) else None
     if not isinstance(base, type) or not hasattr(base, "from_config"):
@@ -507,10 +276,7 @@ def _build_base_model(qcfg: dict, folder: Path):
     return model.eval().requires_grad_(False)
 
 
-def _read_weights(weights_path: Path, qcfg: dict) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def read_weights(weights_path: Path, qcfg: dict) -> dict[str, torch.Tensor]:
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path} is missing")
     try:
@@ -521,13 +287,11 @@ def _read_weights(weights_path: Path, qcfg: dict) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_optional_report(folder: Path):
+def read_optional_report(folder: Path):
     """The calibration report, or None: it only documents the run, so a damaged one costs a warning,
     never the model."""
     if not (folder / REPORT_TENSORS).is_file():
         return None
-    from .calibration.report_io import report_from_files
-
     try:
         return report_from_files(folder / REPORT_TENSORS, folder / REPORT_JSON)
     except Exception as e:  # noqa: BLE001 - whatever the damage, the model itself is intact
@@ -535,101 +299,3 @@ def _read_optional_report(folder: Path):
                        "without it (gaq_report is None)", folder / REPORT_TENSORS, REPORT_JSON, type(e).__name__, e)
         return None
 
-
-def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device | None = None, **hub_kwargs):
-    """Rebuild a quantized model that computes bit-identically to the one that was saved. Everything
-    read is verified (checkpoint_checks.py); a checkpoint that disagrees with itself raises CheckpointError."""
-    from .models import family_for
-    from .models.quantized import mark_quantized
-    from .models.timestep_groups import TimestepGroups, install_timestep_groups
-    from .models.wrap import set_quant_state, wrap_model
-    from .quant.quantizers import has_timestep_aware
-
-    folder = resolve_checkpoint(path_or_repo, **hub_kwargs)
-    qcfg = _read_quantization_config(folder)
-    config = _saved_quantizer_config(qcfg, folder / CONFIG_NAME)
-    model = _build_base_model(qcfg, folder)
-    family = family_for(model)
-    try:
-        wrap = wrap_model(model, config, family)
-    except ValueError as e:  # a layer_precision pattern that matches no layer of this model
-        raise CheckpointError(f"{folder / CONFIG_NAME}: field config does not fit the model in "
-                              f"{MODEL_CONFIG_NAME} ({e}): restore the files from the original save") from None
-    wrap.kept_fp = list(qcfg.get("kept_fp", wrap.kept_fp))
-    table = qcfg.get("layers", {})
-    # The rebuilt model's bit widths come from "config"; the table must say the same.
-    checks.verify_layer_table(model, table, folder / CONFIG_NAME, MODEL_CONFIG_NAME)
-
-    weights_path = folder / WEIGHTS_NAME
-    state = _read_weights(weights_path, qcfg)
-    _restore_quantizers(model, state, table, config.weight_granularity == "per_channel", weights_path)
-    # Buffers that are None until calibration (AdaRound's floor) are not in a frozen model.
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # a tensor of the wrong shape
-        raise CheckpointError(f"{weights_path}: its tensors do not fit the model built from {MODEL_CONFIG_NAME} "
-                              f"({e}): restore the folder from the original save") from None
-    if unexpected:
-        raise CheckpointError(f"{weights_path}: unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    if missing:
-        raise CheckpointError(f"{weights_path}: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    report = _read_optional_report(folder)
-    if has_timestep_aware(model):
-        if "timestep_groups" not in qcfg:
-            raise CheckpointError(f"{folder / CONFIG_NAME}: the model has timestep-aware activation quantizers but "
-                                  "no 'timestep_groups' entry; the file is incomplete")
-        groups = qcfg["timestep_groups"]
-        checks.verify_timestep_groups_fit(groups["groups"], config.num_act_timestep_groups, folder / CONFIG_NAME)
-        install_timestep_groups(model, TimestepGroups.from_dict(groups))
-    set_quant_state(model, weight=True, act=config.quantizes_activations)
-    mark_quantized(model, config, wrap, report)
-    model.gaq_base_model = qcfg.get("base_model")
-    if device is not None:
-        model.to(device)
-    return model
-
-
-def load_quantized_pipeline(path_or_repo: str | os.PathLike, **kwargs):
-    """Reload a pipeline saved with ``pipeline.save_pretrained`` (its denoiser quantized): the same
-    as ``DiffusionPipeline.from_pretrained(path)``, which finds ``diffusers_gaq``'s quantized class
-    (``QuantizedUNet2DModel``, ``QuantizedDiTTransformer2DModel``, ...) through model_index.json.
-    A pipeline class diffusers does not ship (``ClassConditionalDDIMPipeline``) is looked up here."""
-    from diffusers import DiffusionPipeline
-
-    kwargs.setdefault("local_files_only", Path(path_or_repo).is_dir())
-    index = Path(path_or_repo) / "model_index.json"
-    pipeline_class = DiffusionPipeline
-    if index.is_file():
-        from . import pipelines
-
-        # diffusers resolves `_class_name` in its own namespace only.
-        pipeline_class = getattr(pipelines, _read_json(index).get("_class_name", ""), DiffusionPipeline)
-    return pipeline_class.from_pretrained(str(path_or_repo), **kwargs)
-
-
-def save_quantized_pipeline(pipe, save_directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Save a whole pipeline whose denoiser is quantized (model_index.json, scheduler/, unet/ or
-    transformer/ in the quantized format, the other components as diffusers saves them, the model
-    card also at the top), atomically: built beside the target, then renamed into place. A
-    non-empty target is refused unless ``overwrite``, and even then unless it holds nothing but an
-    earlier quantized pipeline save (check_replaceable)."""
-    from .models import denoiser_of
-
-    _, component, _ = denoiser_of(pipe)
-    target = Path(save_directory)
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {target} exists and is not empty; pass overwrite=True "
-                              "(CLI: --overwrite) or choose another folder")
-    check_replaceable(target, pipeline=True)  # overwrite=True replaces an earlier save of ours, nothing else
-    with atomic_directory(target) as tmp:
-        pipe.save_pretrained(tmp)
-        for item in (tmp / component).iterdir():
-            if item.suffix in (".md", ".png"):
-                shutil.copy2(item, tmp / item.name)
-    return target
-
-
-def _public_base_model(name_or_path):
-    from .hub import public_base_model
-
-    return public_base_model(name_or_path)

@@ -164,7 +164,7 @@ def checkpoint_ratio(model, family, config, wrap, fp_bytes: int) -> dict:
     """Freeze every layer at round-to-nearest, observe activation ranges on one pass, save, measure."""
     import torch
 
-    from diffusers_gaq.models.quantized import mark_quantized
+    from diffusers_gaq.modeling import QuantizationState, mark_quantized
     from diffusers_gaq.models.wrap import act_quantizers, quant_layers, set_observing, set_quant_state
 
     t = time.perf_counter()
@@ -184,7 +184,7 @@ def checkpoint_ratio(model, family, config, wrap, fp_bytes: int) -> dict:
             if not bool(q.initialized):
                 q.finalize()
     set_quant_state(model, weight=True, act=True)
-    mark_quantized(model, config, wrap, None)
+    mark_quantized(model, QuantizationState(config, wrap))
     with tempfile.TemporaryDirectory() as tmp:
         folder = model.save_pretrained(Path(tmp) / "q", model_card=False)
         size = (folder / "diffusion_pytorch_model.safetensors").stat().st_size

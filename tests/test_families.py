@@ -28,12 +28,12 @@ from diffusers_gaq.calibration.capture import capture_unit
 from diffusers_gaq.calibration.data import collect_calibration_data
 from diffusers_gaq.cli import BUDGETS
 from diffusers_gaq.models import denoiser_of, family_for
-from diffusers_gaq.models.quantized import QuantizedModelMixin
+from diffusers_gaq.modeling import QuantizedModelMixin
 from diffusers_gaq.models.unet2d_condition import DEFAULT_CALIBRATION_PROMPTS
 from diffusers_gaq.models.wrap import reconstruction_units, set_quant_state, wrap_model
 from diffusers_gaq.quant.layers import QuantLayer
-from diffusers_gaq.serialization import (load_quantized, load_quantized_pipeline, quantized_state_dict,
-                                         save_quantized_pipeline)
+from diffusers_gaq.modeling import load_quantized, load_quantized_pipeline, save_quantized_pipeline
+from diffusers_gaq.serialization import quantized_state_dict
 
 torch.set_num_threads(1)  # tiny models: threads only contend (the suite's convention)
 
@@ -368,7 +368,7 @@ def test_family_config_fields_validated_and_round_trip():
 
 
 def test_quantized_classes_are_found_by_the_pipeline_loader():
-    import diffusers_gaq.models.quantized as q
+    import diffusers_gaq.modeling as q
 
     for name in ("QuantizedUNet2DModel", "QuantizedUNet2DConditionModel", "QuantizedDiTTransformer2DModel",
                  "QuantizedTransformer2DModel"):

@@ -34,10 +34,11 @@ from diffusers_gaq.hub import (
     push_folder,
     write_model_card,
 )
-from diffusers_gaq.models.quantized import QuantizedUNet2DModel
+from diffusers_gaq.modeling import QuantizedUNet2DModel
 from diffusers_gaq.plots import plot_conflict, plot_fidelity_bars, plot_sample_weights
 from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
-from diffusers_gaq.serialization import CheckpointError, load_quantized
+from diffusers_gaq.serialization import CheckpointError
+from diffusers_gaq.modeling import load_quantized
 from hub_fixtures import hub_env, local_hub, no_retry_sleep  # noqa: F401
 from hub_server import LocalHub, refused_endpoint
 

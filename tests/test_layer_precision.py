@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline
-from diffusers_gaq import pipeline as pipeline_module
+from diffusers_gaq import quantize as pipeline_module
 from diffusers_gaq.cli import main as cli_main
 from diffusers_gaq.config import CONFIG_NAME
 from diffusers_gaq.hub import build_model_card
@@ -30,13 +30,9 @@ from diffusers_gaq.models.wrap import check_layer_patterns, quant_layers, wrap_m
 from diffusers_gaq.quant.layers import QuantLayer
 from diffusers_gaq.quanto_export import export_to_quanto
 from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
-from diffusers_gaq.serialization import (
-    CODES_KEY,
-    WEIGHTS_NAME,
-    checkpoint_weight_bits,
-    load_quantized,
-    model_weight_bits,
-)
+from diffusers_gaq.serialization import CODES_KEY, WEIGHTS_NAME
+from diffusers_gaq.weight_bits import checkpoint_weight_bits, model_weight_bits
+from diffusers_gaq.modeling import load_quantized
 from test_families import tiny_dit, tiny_sd_unet
 
 torch.set_num_threads(1)

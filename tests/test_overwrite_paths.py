@@ -16,9 +16,9 @@ import torch
 from test_reliability import _config, _pipeline, _snapshot
 
 from diffusers_gaq import GradientAlignedQuantizer, cli, quantize_pipeline
-from diffusers_gaq import pipeline as pipeline_module
-from diffusers_gaq.serialization import save_quantized_pipeline
-from diffusers_gaq.utils import atomic_directory
+from diffusers_gaq import quantize as pipeline_module
+from diffusers_gaq.modeling import save_quantized_pipeline
+from diffusers_gaq.files import atomic_directory
 
 torch.set_num_threads(1)
 

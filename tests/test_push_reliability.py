@@ -38,7 +38,7 @@ from diffusers_gaq.hub import (
 )
 from diffusers_gaq.reference import PIPELINE_DIR
 from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
-from diffusers_gaq.serialization import save_quantized_pipeline
+from diffusers_gaq.modeling import save_quantized_pipeline
 from hub_fixtures import hub_env, local_hub, no_retry_sleep  # noqa: F401
 from hub_server import LocalHub, refused_endpoint
 

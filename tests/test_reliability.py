@@ -32,7 +32,7 @@ from safetensors import safe_open
 from test_config import one_invalid, valid_kwargs  # the config strategies, shared
 
 from diffusers_gaq import GradientAlignedQuantizer, cli, quantize_pipeline
-from diffusers_gaq import pipeline as pipeline_module
+from diffusers_gaq import quantize as pipeline_module
 from diffusers_gaq.calibration import calibrate as calibrate_module
 from diffusers_gaq.calibration.data import CalibrationData
 from diffusers_gaq.checkpointing import (
@@ -46,7 +46,8 @@ from diffusers_gaq.checkpointing import (
 from diffusers_gaq.hub import build_model_card
 from diffusers_gaq.quant.layers import QuantLayer
 from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
-from diffusers_gaq.serialization import CheckpointError, quantized_state_dict, save_quantized_pipeline
+from diffusers_gaq.serialization import CheckpointError, quantized_state_dict
+from diffusers_gaq.modeling import save_quantized_pipeline
 
 torch.set_num_threads(1)
 logger = logging.getLogger(__name__)
@@ -352,7 +353,7 @@ def test_pipeline_save_refuses_a_non_empty_folder_and_keeps_it(uninterrupted, tm
 def test_tampered_checkpoint_shapes_are_refused_on_load(uninterrupted, tmp_path, edit):
     """quantization_config.json records every layer's weight shape; a file edited to disagree with
     config.json (or config.json edited to build another model) is refused, naming the layer."""
-    from diffusers_gaq.serialization import load_quantized
+    from diffusers_gaq.modeling import load_quantized
 
     folder = uninterrupted.unet.save_pretrained(tmp_path / "saved", model_card=False)
     if edit == "weight_shape":

@@ -20,17 +20,11 @@ from safetensors import safe_open
 
 from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline
 from diffusers_gaq.config import CONFIG_NAME
-from diffusers_gaq.models.quantized import QuantizedUNet2DModel
+from diffusers_gaq.modeling import QuantizedUNet2DModel
 from diffusers_gaq.quant.layers import QuantLayer
 from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
-from diffusers_gaq.serialization import (
-    CODES_KEY,
-    PACKED_SUFFIX,
-    WEIGHTS_NAME,
-    CheckpointError,
-    load_quantized,
-    load_quantized_pipeline,
-)
+from diffusers_gaq.serialization import CODES_KEY, PACKED_SUFFIX, WEIGHTS_NAME, CheckpointError
+from diffusers_gaq.modeling import load_quantized, load_quantized_pipeline
 
 torch.set_num_threads(1)
 logger = logging.getLogger(__name__)
@@ -183,7 +177,7 @@ def test_pipeline_save_and_reload(pipelines, tmp_path):
     qpipe = pipelines["w4a8-gradient-aligned"][1]
     qpipe.save_pretrained(tmp_path / "pipe")
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
-    assert index["unet"] == ["diffusers_gaq.models.quantized", "QuantizedUNet2DModel"]
+    assert index["unet"] == ["diffusers_gaq.modeling", "QuantizedUNet2DModel"]
 
     sample = dict(batch_size=1, num_inference_steps=2, output_type="np")
     expected = qpipe(generator=torch.Generator().manual_seed(0), **sample).images

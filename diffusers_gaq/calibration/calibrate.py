@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -94,13 +95,32 @@ def _split_groups(data: CalibrationData, idx: torch.Tensor) -> list[torch.Tensor
     return [idx[data.group[idx] == g] for g in range(data.num_groups)]
 
 
-def calibrate_model(model: nn.Module, family, data: CalibrationData, config: GradientAlignedQuantizer,
-                    progress: bool = True, record_conflict: bool = False, dist=None,
-                    start_unit: int = 0, scores: torch.Tensor | None = None, on_unit_done=None) -> CalibrationReport:
-    """Quantize ``model`` (already wrapped) in place. ``dist`` (several processes, distributed.py), ``start_unit``,
-    ``scores`` and ``on_unit_done(index, scores, report)`` (checkpointing) let callers resume."""
+@dataclass
+class CalibrationStart:
+    """Where calibrate_model starts: unit 0 with zero scores for a fresh run; a resumed run's next
+    unit and the sample scores it carried (checkpointing.ResumePoint extends this)."""
+
+    next_unit: int = 0
+    scores: torch.Tensor | None = None
+
+
+# Called after every finished unit with (its index, the sample scores, the report so far): the
+# checkpoint writer and the cross-process sync check.
+UnitHook = Callable[[int, torch.Tensor, CalibrationReport], None]
+
+
+def calibrate_model(model: nn.Module, family, data: CalibrationData, config: GradientAlignedQuantizer, *,
+                    units: list[tuple[str, nn.Module]] | None = None, progress: bool = True,
+                    record_conflict: bool = False, dist=None, start: CalibrationStart | None = None,
+                    hooks: Sequence[UnitHook] = ()) -> CalibrationReport:
+    """Quantize ``model`` (already wrapped) in place, unit by unit. ``units``: its reconstruction
+    units (models.wrap.reconstruction_units; listed here when not given); ``dist``: the process
+    group of a multi-process run (distributed.Dist); ``start`` and ``hooks`` let callers resume and
+    checkpoint."""
     device = next(model.parameters()).device
-    units = reconstruction_units(model, family)
+    units = units if units is not None else reconstruction_units(model, family)
+    start = start or CalibrationStart()
+    start_unit, scores = start.next_unit, start.scores
     train_idx, val_idx = data.train_indices, data.val_indices
     val_groups = _split_groups(data, val_idx)
     train_groups = [torch.nonzero(data.group[train_idx] == g).flatten() for g in range(data.num_groups)]
@@ -109,7 +129,7 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
     scores = torch.zeros(len(train_idx)) if scores is None else scores
     bs = max(config.recon_batch_size, config.calibration_batch_size)
     gradient_aligned = config.method == "reconstruction" and config.weighting == "gradient_aligned"
-    start = time.perf_counter()
+    started = time.perf_counter()
     # Timestep-aware activation quantizers: the model's forward (captures) picks each sample's group
     # from its timestep; units called alone get the groups of their samples.
     sample_groups = None
@@ -204,8 +224,8 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
         logger.info("%s: loss %.4g -> %.4g (val %.4g -> %.4g) in %.1fs", name, rep.loss_init, rep.loss_final,
                     rep.val_loss_init, rep.val_loss_final, rep.seconds)
         bar.set_postfix(unit=name, loss=f"{rep.loss_final:.3g}")
-        if on_unit_done is not None:
-            on_unit_done(b, scores, report)
+        for hook in hooks:
+            hook(b, scores, report)
     set_quant_state(model, weight=True, act=config.quantizes_activations)
-    report.calibration_seconds = time.perf_counter() - start
+    report.calibration_seconds = time.perf_counter() - started
     return report

@@ -119,7 +119,7 @@ class CalibrationData:
         return cls(t["samples"], t["timesteps"], t["step_index"], t["group"], t["is_val"].bool(), cond)
 
     def save(self, path: str | Path) -> None:
-        from ..utils import atomic_save_safetensors
+        from ..files import atomic_save_safetensors
 
         atomic_save_safetensors(self.to_tensors(), path)
 

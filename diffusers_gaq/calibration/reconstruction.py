@@ -16,11 +16,11 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ..config import GradientAlignedQuantizer
-from ..distributed import pack_grads, unpack_grads
 from ..models.wrap import set_observing, set_quant_state
 from ..quant.layers import QuantAttentionCore, QuantLayer
 from ..quant.quantizers import has_timestep_aware, set_group_index
 from .capture import UnitInputs
+from .gradients import pack_grads, unpack_grads
 
 logger = logging.getLogger(__name__)
 

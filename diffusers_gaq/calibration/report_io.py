@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..utils import atomic_save_safetensors, atomic_write_text
+from ..files import atomic_save_safetensors, atomic_write_text
 from .calibrate import CalibrationReport, UnitReport
 
 _TENSOR_FIELDS = ("omega", "step_loss_init", "step_loss_final", "conflict_before", "conflict_after")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 
 from .base import CalibrationConditioning, ModelFamily
@@ -49,5 +51,17 @@ def denoiser_of(pipe) -> tuple[type[ModelFamily], str, nn.Module]:
                     f"(models: {', '.join(supported_models())})")
 
 
-__all__ = ["CalibrationConditioning", "FAMILIES", "ModelFamily", "denoiser_of", "family_for", "supported_models",
+def rebuild_pipeline(pipe, component: str, model):
+    """A new pipeline of ``pipe``'s class with ``model`` as ``component``; the scheduler is copied
+    (schedulers hold sampling state), the other components are shared."""
+    components = dict(pipe.components)
+    components[component] = model
+    components["scheduler"] = copy.deepcopy(pipe.scheduler)
+    new = type(pipe)(**components)
+    if getattr(pipe, "labels", None):  # DiTPipeline's label names come from id2label, not a component
+        new.labels = dict(pipe.labels)
+    return new
+
+
+__all__ = ["rebuild_pipeline", "CalibrationConditioning", "FAMILIES", "ModelFamily", "denoiser_of", "family_for", "supported_models",
            "supported_pipelines"]

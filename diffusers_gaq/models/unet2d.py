@@ -11,6 +11,7 @@ from diffusers.models.embeddings import TimestepEmbedding
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from torch import nn
 
+from ..class_conditional_pipeline import ClassConditionalDDIMPipeline
 from .base import CalibrationConditioning, ModelFamily, labels_table
 
 
@@ -64,14 +65,10 @@ class UNet2DFamily(ModelFamily):
     def pipeline_classes(cls) -> tuple[type, ...]:
         from diffusers import DDIMPipeline, DDPMPipeline, LDMPipeline
 
-        from ..pipelines import ClassConditionalDDIMPipeline
-
         return (DDIMPipeline, DDPMPipeline, LDMPipeline, ClassConditionalDDIMPipeline)
 
     @classmethod
     def check_pipeline(cls, pipe, model: nn.Module) -> None:
-        from ..pipelines import ClassConditionalDDIMPipeline
-
         conditional = is_class_conditional(model)
         if conditional and not isinstance(pipe, ClassConditionalDDIMPipeline):
             raise TypeError(f"{type(pipe).__name__} cannot pass class labels to its class-conditional UNet2DModel, so "

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 from safetensors.torch import load_file
+from torch import nn
 
 FEATURE_DIM = 128
 
@@ -40,7 +40,7 @@ class FashionClassifier(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        from ..utils import atomic_save_safetensors, atomic_write_text
+        from ..files import atomic_save_safetensors, atomic_write_text
 
         atomic_write_text(directory / "config.json", json.dumps(self.config, indent=2))
         atomic_save_safetensors(self.state_dict(), directory / "model.safetensors")

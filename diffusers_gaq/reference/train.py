@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from ..utils import atomic_directory, atomic_path, atomic_write_text
+from ..files import atomic_directory, atomic_path, atomic_write_text
 from .classifier import FashionClassifier
 from .data import load_fashion_mnist, to_model_range
 from .recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG

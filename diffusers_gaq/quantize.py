@@ -14,11 +14,12 @@ from .calibration.data import CalibrationData, collect_calibration_data
 from .checkpointing import open_checkpoint
 from .config import GradientAlignedQuantizer
 from .distributed import detect, unit_sync_check
-from .models import denoiser_of
+from .hub import public_base_model
+from .modeling import QuantizationState, mark_quantized
+from .models import denoiser_of, rebuild_pipeline
 from .models import supported_pipelines as _supported_pipelines
-from .models.quantized import mark_quantized
-from .models.wrap import check_layer_patterns, set_quant_state, wrap_model
-from .utils import resolve_device
+from .models.wrap import check_layer_patterns, reconstruction_units, set_quant_state, wrap_model
+from .runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -72,21 +73,21 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
     """
     config = config or GradientAlignedQuantizer()
     config.validate()
-    family, component, fp_model = check_pipeline(pipe)
+    family, component, fp_model = check_pipeline(pipe)  # the denoiser is found here, once
     check_layer_patterns(fp_model, config, family)  # a mistyped pattern is refused before any sampling
     check_finite_weights(fp_model, component)
     device = resolve_device(config.device)
     if calibration_data is not None:
         calibration_data.check(*_channels_and_size(family, fp_model))
-    # A foreign, corrupt or unwanted checkpoint is refused here, before any work.
-    checkpoint, resumed = open_checkpoint(checkpoint_dir, resume, pipe, config, calibration_data)
-
     # Under `accelerate launch` / torchrun every process runs this same function (DESIGN.md section 7):
     # trajectories and minibatches are split, parameters stay identical, the same pipeline is returned.
     dist = detect()
     if dist is not None:
         dist.check_config(config)
     progress = progress and (dist is None or dist.is_main)
+    # A foreign, corrupt or unwanted checkpoint is refused here, before any work.
+    checkpoint, resumed = open_checkpoint(checkpoint_dir, resume, family, fp_model, pipe.scheduler.config, config,
+                                          calibration_data, dist)
 
     model = copy.deepcopy(fp_model).to(device).eval().requires_grad_(False)
     t0 = time.perf_counter()
@@ -107,44 +108,28 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
     wrap = wrap_model(model, config, family)
     logger.info("wrapped %d layers (%d kept FP, %d split inputs, %d attention cores)", len(wrap.layer_bits),
                 len(wrap.kept_fp), len(wrap.split_layers), len(wrap.attention))
-    resumed.restore(model, family)  # the finished units' state; nothing when starting fresh
-    on_unit_done = unit_sync_check(dist, model, family)
-    if checkpoint is not None:
-        on_unit_done = checkpoint.unit_callback(model, family, resumed, then=on_unit_done)
-    report = calibrate_model(model, family, calibration_data, config, progress=progress,
-                             record_conflict=record_conflict, dist=dist, start_unit=resumed.next_unit,
-                             scores=resumed.scores, on_unit_done=on_unit_done)
+    units = reconstruction_units(model, family)  # listed here, once, for calibration and its hooks
+    resumed.restore(model, units)  # the finished units' state; nothing when starting fresh
+    hooks = [hook for hook in (unit_sync_check(dist, units),
+                               checkpoint.unit_hook(model, units, resumed) if checkpoint is not None else None)
+             if hook is not None]
+    report = calibrate_model(model, family, calibration_data, config, units=units, progress=progress,
+                             record_conflict=record_conflict, dist=dist, start=resumed, hooks=hooks)
     resumed.merge_into(report)
     report.data_seconds = data_seconds
     report.data_digest = calibration_data.digest()
     set_quant_state(model, weight=True, act=config.quantizes_activations)
-    mark_quantized(model, config, wrap, report)
-    _record_public_origin(model, pipe, fp_model)
+    mark_quantized(model, QuantizationState(config, wrap, report, base_model=_public_origin(pipe, fp_model)))
+    if model.config.get("_name_or_path"):  # config.json would otherwise carry the absolute path too
+        model.register_to_config(_name_or_path=public_base_model(model.config["_name_or_path"]))
     return rebuild_pipeline(pipe, component, model)
 
 
-def _record_public_origin(model, pipe, fp_model) -> None:
-    """Record where the FP model came from, as may be published: the Hub id, "reference", or only
-    the folder's name (hub.public_base_model). The model card, quantization_config.json and
-    `evaluate` read it; config.json's `_name_or_path` would otherwise carry the absolute path too."""
-    from .hub import public_base_model
-
-    origin = getattr(pipe, "name_or_path", None) or getattr(fp_model.config, "_name_or_path", None)
-    model.gaq_base_model = public_base_model(origin)
-    if model.config.get("_name_or_path"):
-        model.register_to_config(_name_or_path=public_base_model(model.config["_name_or_path"]))
-
-
-def rebuild_pipeline(pipe, component: str, model):
-    """A new pipeline of ``pipe``'s class with ``model`` as ``component``; the scheduler is copied
-    (schedulers hold sampling state), the other components are shared."""
-    components = dict(pipe.components)
-    components[component] = model
-    components["scheduler"] = copy.deepcopy(pipe.scheduler)
-    new = type(pipe)(**components)
-    if getattr(pipe, "labels", None):  # DiTPipeline's label names come from id2label, not a component
-        new.labels = dict(pipe.labels)
-    return new
+def _public_origin(pipe, fp_model) -> str | None:
+    """Where the FP model came from, as may be published: the Hub id, "reference", or only the
+    folder's name (hub.public_base_model). The model card, quantization_config.json and `evaluate`
+    read it."""
+    return public_base_model(getattr(pipe, "name_or_path", None) or getattr(fp_model.config, "_name_or_path", None))
 
 
 def _channels_and_size(family, model) -> tuple[int, tuple[int, int]]:

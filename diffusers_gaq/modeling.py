@@ -1,0 +1,250 @@
+"""The quantized model classes, and where save, card and push meet.
+
+``QuantizedUNet2DModel`` (likewise ``QuantizedUNet2DConditionModel``, ``QuantizedDiTTransformer2DModel``,
+``QuantizedTransformer2DModel``) is the diffusers class plus the quantization state. A calibrated
+model's ``__class__`` is switched to it (``mark_quantized``), so it stays a ``UNet2DModel`` for
+pipelines and schedulers (``unet(x, t).sample``, ``.config``, ``.dtype``, ``.device``), while
+``save_pretrained``, ``from_pretrained`` and ``push_to_hub`` speak the quantized format:
+serialization.py writes and reads the files, hub/ writes the card and uploads.
+
+Saved pipelines name these classes in model_index.json as ``["diffusers_gaq.modeling", "<Class>"]``;
+diffusers' pipeline loader imports this module, finds the class, and picks its load method by
+checking it against the base classes it finds here (``ModelMixin``, imported below for that).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (  # noqa: F401
+    DiffusionPipeline,
+    DiTTransformer2DModel,
+    ModelMixin,
+    Transformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from huggingface_hub import snapshot_download
+from torch import nn
+
+from . import checkpoint_checks as checks
+from . import class_conditional_pipeline
+from .config import CONFIG_NAME, GradientAlignedQuantizer
+from .files import atomic_directory
+from .folders import check_new_or_empty, check_replaceable
+from .hub import check_repo_id, public_base_model, push_quantized, write_model_card
+from .models import denoiser_of, family_for
+from .models.timestep_groups import TimestepGroups, install_timestep_groups
+from .models.wrap import WrapReport, set_quant_state, wrap_model
+from .quant.quantizers import has_timestep_aware
+from .serialization import MODEL_CONFIG_NAME, WEIGHTS_NAME, CheckpointError, build_base_model, read_json, read_optional_report, read_quantization_config, read_weights, restore_quantizers, saved_quantizer_config, write_quantized_files
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizationState:
+    """What a quantized model carries besides its modules: the config it was made with, what the
+    wrapping did, the calibration report (None after loading a checkpoint saved without one), the
+    fidelity numbers of an evaluation (for the model card) and where the FP model came from (as
+    may be published: hub.public_base_model)."""
+
+    config: GradientAlignedQuantizer
+    wrap: WrapReport | None = None
+    report: object | None = None  # calibration.calibrate.CalibrationReport
+    evaluation: dict | None = None
+    base_model: str | None = None
+
+
+def _state_field(name: str, doc: str) -> property:
+    # The gaq_* attributes are views of model.quantization, kept for the code and tests that read them.
+    def get(self):
+        return getattr(self.quantization, name) if self.quantization is not None else None
+
+    def set_(self, value):
+        setattr(self.quantization, name, value)
+
+    return property(get, set_, doc=doc)
+
+
+class QuantizedModelMixin:
+    """The quantized format's save / load / push on top of a diffusers model class."""
+
+    diffusers_base_class: type  # set by each class below; serialization records it
+    quantization: QuantizationState | None = None
+
+    gaq_config = _state_field("config", "GradientAlignedQuantizer the model was quantized with")
+    gaq_wrap = _state_field("wrap", "WrapReport: wrapped, kept-FP, split and attention layers")
+    gaq_report = _state_field("report", "CalibrationReport, or None after loading")
+    gaq_evaluation = _state_field("evaluation", "fidelity numbers for the model card, when an evaluation ran")
+    gaq_base_model = _state_field("base_model", "where the FP model came from, as may be published")
+
+    def save_pretrained(self, save_directory, *, overwrite: bool = False, **kwargs):
+        return save_quantized(self, save_directory, overwrite=overwrite, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a diffusers-gaq checkpoint (folder or Hub repo id). Hub options (revision, token,
+        cache_dir, local_files_only, force_download, endpoint) go to huggingface_hub; diffusers' loading
+        options that do not apply to a quantized model (torch_dtype, variant, ...) are ignored."""
+        hub_options = ("revision", "token", "cache_dir", "local_files_only", "force_download", "endpoint")
+        hub = {k: kwargs[k] for k in hub_options if kwargs.get(k) is not None}
+        return load_quantized(pretrained_model_name_or_path, device=kwargs.get("device"), **hub)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        return push_quantized(self, repo_id, **kwargs)
+
+
+class QuantizedUNet2DModel(QuantizedModelMixin, UNet2DModel):
+    diffusers_base_class = UNet2DModel
+
+
+class QuantizedUNet2DConditionModel(QuantizedModelMixin, UNet2DConditionModel):
+    diffusers_base_class = UNet2DConditionModel
+
+
+class QuantizedDiTTransformer2DModel(QuantizedModelMixin, DiTTransformer2DModel):
+    diffusers_base_class = DiTTransformer2DModel
+
+
+class QuantizedTransformer2DModel(QuantizedModelMixin, Transformer2DModel):
+    diffusers_base_class = Transformer2DModel
+
+
+QUANTIZED_CLASSES = {cls.diffusers_base_class: cls for cls in (
+    QuantizedUNet2DModel, QuantizedUNet2DConditionModel, QuantizedDiTTransformer2DModel, QuantizedTransformer2DModel)}
+
+
+def quantized_class(base: type) -> type:
+    """The Quantized* class of a diffusers model class."""
+    try:
+        return QUANTIZED_CLASSES[base]
+    except KeyError:
+        raise TypeError(f"no quantized class for {base.__name__}; supported: "
+                        f"{', '.join(c.__name__ for c in QUANTIZED_CLASSES)}") from None
+
+
+def mark_quantized(model: nn.Module, state: QuantizationState) -> nn.Module:
+    """Make a wrapped, calibrated model a Quantized* model carrying ``state``."""
+    if not isinstance(model, QuantizedModelMixin):
+        model.__class__ = quantized_class(type(model))
+    model.quantization = state
+    return model
+
+
+# ---- save ----------------------------------------------------------------------------------------
+def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool = False,
+                   model_card: bool = True, **_ignored) -> Path:
+    """Write the checkpoint folder atomically: it is built beside the target and renamed into place,
+    so an interrupted save leaves the previous folder (or none). An existing folder is replaced
+    only when it is empty or holds nothing but an earlier quantized save (check_replaceable)."""
+    target = Path(save_directory)
+    # Like diffusers' save_pretrained, a save replaces an earlier save; unlike it, never other files
+    # (overwrite=True allows no more than that: it is accepted for symmetry with the pipeline save).
+    check_replaceable(target, pipeline=False)
+    state = model.quantization
+    with atomic_directory(target) as tmp:
+        write_quantized_files(model, tmp, config=state.config, wrap=state.wrap, report=state.report,
+                              base_model=public_base_model(state.base_model),  # uploaded by push: no local path
+                              timestep_groups=getattr(model, "gaq_timestep_groups", None))
+        if model_card:
+            write_model_card(model, tmp)
+    logger.info("saved quantized model to %s", target)
+    return target
+
+
+def save_quantized_pipeline(pipe, save_directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Save a whole pipeline whose denoiser is quantized (model_index.json, scheduler/, unet/ or
+    transformer/ in the quantized format, the other components as diffusers saves them, the model
+    card also at the top), atomically: built beside the target, then renamed into place. A
+    non-empty target is refused unless ``overwrite``, and even then unless it holds nothing but an
+    earlier quantized pipeline save (check_replaceable)."""
+    _, component, _ = denoiser_of(pipe)
+    target = Path(save_directory)
+    if not overwrite:
+        check_new_or_empty(target)
+    check_replaceable(target, pipeline=True)  # overwrite=True replaces an earlier save of ours, nothing else
+    with atomic_directory(target) as tmp:
+        pipe.save_pretrained(tmp)
+        for item in (tmp / component).iterdir():
+            if item.suffix in (".md", ".png"):
+                shutil.copy2(item, tmp / item.name)
+    return target
+
+
+# ---- load ----------------------------------------------------------------------------------------
+def resolve_checkpoint(path_or_repo: str | os.PathLike, **hub_kwargs) -> Path:
+    """A local folder as is; otherwise a Hub repo id, downloaded with huggingface_hub."""
+    path = Path(path_or_repo)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the checkpoint folder")
+    check_repo_id(str(path_or_repo))
+    allowed = hub_kwargs.pop("allow_patterns", ["*.json", "*.safetensors", "*.md", "*.png"])
+    return Path(snapshot_download(str(path_or_repo), allow_patterns=allowed, **hub_kwargs))
+
+
+def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device | None = None, **hub_kwargs):
+    """Rebuild a quantized model that computes bit-identically to the one that was saved. Everything
+    read is verified (checkpoint_checks.py); a checkpoint that disagrees with itself raises CheckpointError."""
+    folder = resolve_checkpoint(path_or_repo, **hub_kwargs)
+    qcfg = read_quantization_config(folder)
+    config = saved_quantizer_config(qcfg, folder / CONFIG_NAME)
+    model = build_base_model(qcfg, folder)
+    family = family_for(model)
+    try:
+        wrap = wrap_model(model, config, family)
+    except ValueError as e:  # a layer_precision pattern that matches no layer of this model
+        raise CheckpointError(f"{folder / CONFIG_NAME}: field config does not fit the model in "
+                              f"{MODEL_CONFIG_NAME} ({e}): restore the files from the original save") from None
+    wrap.kept_fp = list(qcfg.get("kept_fp", wrap.kept_fp))
+    table = qcfg.get("layers", {})
+    # The rebuilt model's bit widths come from "config"; the table must say the same.
+    checks.verify_layer_table(model, table, folder / CONFIG_NAME, MODEL_CONFIG_NAME)
+
+    weights_path = folder / WEIGHTS_NAME
+    state = read_weights(weights_path, qcfg)
+    restore_quantizers(model, state, table, config.weight_granularity == "per_channel", weights_path)
+    # Buffers that are None until calibration (AdaRound's floor) are not in a frozen model.
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        raise CheckpointError(f"{weights_path}: its tensors do not fit the model built from {MODEL_CONFIG_NAME} "
+                              f"({e}): restore the folder from the original save") from None
+    if unexpected:
+        raise CheckpointError(f"{weights_path}: unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    if missing:
+        raise CheckpointError(f"{weights_path}: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    report = read_optional_report(folder)
+    if has_timestep_aware(model):
+        if "timestep_groups" not in qcfg:
+            raise CheckpointError(f"{folder / CONFIG_NAME}: the model has timestep-aware activation quantizers but "
+                                  "no 'timestep_groups' entry; the file is incomplete")
+        groups = qcfg["timestep_groups"]
+        checks.verify_timestep_groups_fit(groups["groups"], config.num_act_timestep_groups, folder / CONFIG_NAME)
+        install_timestep_groups(model, TimestepGroups.from_dict(groups))
+    set_quant_state(model, weight=True, act=config.quantizes_activations)
+    mark_quantized(model, QuantizationState(config, wrap, report, base_model=qcfg.get("base_model")))
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_quantized_pipeline(path_or_repo: str | os.PathLike, **kwargs):
+    """Reload a pipeline saved with ``pipeline.save_pretrained`` (its denoiser quantized): the same
+    as ``DiffusionPipeline.from_pretrained(path)``, which finds ``diffusers_gaq``'s quantized class
+    (``QuantizedUNet2DModel``, ``QuantizedDiTTransformer2DModel``, ...) through model_index.json.
+    A pipeline class diffusers does not ship (``ClassConditionalDDIMPipeline``) is looked up here."""
+    kwargs.setdefault("local_files_only", Path(path_or_repo).is_dir())
+    index = Path(path_or_repo) / "model_index.json"
+    pipeline_class = DiffusionPipeline
+    if index.is_file():
+        # diffusers resolves `_class_name` in its own namespace only.
+        pipeline_class = getattr(class_conditional_pipeline, read_json(index).get("_class_name", ""), DiffusionPipeline)
+    return pipeline_class.from_pretrained(str(path_or_repo), **kwargs)
