@@ -114,20 +114,17 @@ def _check_output(path: Path, overwrite: bool) -> None:
     """Where the output goes: a folder (or a new path under a folder) this process can write, with
     room; a non-empty folder only with ``overwrite``. What an overwrite may replace is checked by the
     caller (quantize: _check_replaceable)."""
-    import shutil
-
-    from .files import check_writable_location
+    from .files import check_room
+    from .folders import check_new_or_empty
 
     if path.exists() and not path.is_dir():
         raise CLIError(f"--output {path} is a file, not a folder; delete it or choose another --output")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise CLIError(f"output folder {path} exists and is not empty; pass --overwrite or choose another folder")
     try:
-        probe = check_writable_location(path)
-    except (NotADirectoryError, PermissionError) as e:
-        raise CLIError(f"--output {path}: {e}") from None
-    if shutil.disk_usage(probe).free < 200 * 2**20:
-        raise CLIError(f"less than 200 MiB free under {probe}; free some space or choose another folder")
+        if not overwrite:
+            check_new_or_empty(path, "--overwrite")
+        check_room(path, 200 * 2**20, f"--output {path}")
+    except (FileExistsError, NotADirectoryError, PermissionError, OSError) as e:
+        raise CLIError(str(e) if isinstance(e, FileExistsError) else f"--output {path}: {e}") from None
 
 
 def _check_replaceable(out: Path, model: str) -> None:
@@ -177,26 +174,23 @@ def _check_checkpoint_dir(checkpoint_dir: Path | None, out: Path, resume: bool) 
 def _check_space_for_model(out: Path, pipe) -> None:
     """The saved pipeline is at most its FP size (the denoiser shrinks to packed integers, a text
     encoder or VAE is saved as it is); ask for that much room."""
-    import shutil
-
     from torch import nn
+
+    from .files import check_room
 
     modules = [m for m in pipe.components.values() if isinstance(m, nn.Module)]
     need = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values()) + 16 * 2**20
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < need:
-        raise CLIError(f"the quantized pipeline needs up to {need / 2**20:.0f} MiB under {probe}, only "
-                       f"{free / 2**20:.0f} MiB are free; free some space or choose another --output")
+    try:
+        check_room(out, need, "the quantized pipeline")
+    except OSError as e:
+        raise CLIError(f"{e} (--output)") from None
 
 
 def cmd_quantize(args) -> int:
     from .distributed import is_main_process, wait_for_everyone
-    from .quantize import check_pipeline, quantize_pipeline
-    from .runtime import resolve_device
     from .modeling import save_quantized_pipeline
+    from .quantize import quantize_pipeline
+    from .runtime import resolve_device
 
     # Everything that can be checked without the model is checked before it is loaded; the rest
     # (pipeline type, disk space for its size, the checkpoint's fingerprint) before any sampling.
@@ -209,12 +203,11 @@ def cmd_quantize(args) -> int:
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     _check_checkpoint_dir(checkpoint_dir, out, args.resume)
     pipe = load_pipeline(args.model)
-    _, component, _ = check_pipeline(pipe)
     _check_space_for_model(out, pipe)
     start = time.perf_counter()
-    qpipe = quantize_pipeline(pipe, config, progress=not args.quiet, checkpoint_dir=checkpoint_dir, resume=args.resume)
-    if args.model != REFERENCE:
-        getattr(qpipe, component).gaq_base_model = args.model
+    # The pipeline type is checked by quantize_pipeline too, before any sampling.
+    qpipe = quantize_pipeline(pipe, config, progress=not args.quiet, checkpoint_dir=checkpoint_dir, resume=args.resume,
+                              base_model=None if args.model == REFERENCE else args.model)
     if is_main_process():
         save_quantized_pipeline(qpipe, out, overwrite=args.overwrite)
         print(f"quantized {config.tag} in {time.perf_counter() - start:.0f}s -> {out}")
@@ -277,8 +270,8 @@ def _update_card(qpipe, directory: Path) -> None:
     """Rewrite the model card (and its plots) in place, file by file and atomically: saving the
     whole pipeline again would replace the folder, and with it the report just written into it."""
     from .files import atomic_write_bytes
-    from .hub import write_model_card
     from .folders import quantized_model_dir
+    from .hub import write_model_card
 
     denoiser_dir = quantized_model_dir(directory)
     card = write_model_card(_denoiser(qpipe), denoiser_dir)
@@ -301,9 +294,9 @@ def cmd_push(args) -> int:
 
 def cmd_info(args) -> int:
     from .config import CONFIG_NAME
+    from .folders import quantized_model_dir
     from .serialization import WEIGHTS_NAME, CheckpointError
     from .weight_bits import checkpoint_weight_bits, precision_groups
-    from .folders import quantized_model_dir
 
     directory = Path(args.directory)
     unet_dir = quantized_model_dir(directory)  # a whole pipeline keeps it in unet/ or transformer/
@@ -364,9 +357,9 @@ def cmd_demo(args) -> int:
     from .config import GradientAlignedQuantizer
     from .evaluation import compare, image_grid
     from .files import atomic_write_text
+    from .modeling import save_quantized_pipeline
     from .quantize import quantize_pipeline
     from .reference import load_reference_pipeline
-    from .modeling import save_quantized_pipeline
 
     out = Path(args.output)
     _check_output(out, overwrite=True)  # its files are replaced; other files in the folder stay

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_write_text
+
 CONFIG_NAME = "quantization_config.json"
 
 # ---- per-layer precision tags ----------------------------------------------------------------
@@ -359,8 +361,6 @@ class GradientAlignedQuantizer:
         return json.dumps(sorted_fields(self.to_dict()), indent=2) + "\n"
 
     def to_json_file(self, path: str | os.PathLike) -> None:
-        from .files import atomic_write_text
-
         atomic_write_text(path, self.to_json_string())
 
     @classmethod

@@ -96,6 +96,17 @@ def check_writable_location(path: str | os.PathLike) -> Path:
     return probe
 
 
+def check_room(path: str | os.PathLike, need_bytes: int, what: str = "the output") -> Path:
+    """Refuse, before any work, a location that cannot be created or written (check_writable_location)
+    or that has less than ``need_bytes`` free. Returns the existing folder the space was measured in."""
+    probe = check_writable_location(path)
+    free = shutil.disk_usage(probe).free
+    if need_bytes and free < need_bytes:
+        raise OSError(f"{what} needs about {need_bytes / 2**20:.0f} MiB but only {free / 2**20:.0f} MiB are free "
+                      f"under {probe}; free some space or choose another folder")
+    return probe
+
+
 def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)

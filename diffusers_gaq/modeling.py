@@ -38,11 +38,23 @@ from .config import CONFIG_NAME, GradientAlignedQuantizer
 from .files import atomic_directory
 from .folders import check_new_or_empty, check_replaceable
 from .hub import check_repo_id, public_base_model, push_quantized, write_model_card
-from .models import denoiser_of, family_for
+from .models import family_for
 from .models.timestep_groups import TimestepGroups, install_timestep_groups
 from .models.wrap import WrapReport, set_quant_state, wrap_model
 from .quant.quantizers import has_timestep_aware
-from .serialization import MODEL_CONFIG_NAME, WEIGHTS_NAME, CheckpointError, build_base_model, read_json, read_optional_report, read_quantization_config, read_weights, restore_quantizers, saved_quantizer_config, write_quantized_files
+from .serialization import (
+    MODEL_CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    build_base_model,
+    read_json,
+    read_optional_report,
+    read_quantization_config,
+    read_weights,
+    restore_quantizers,
+    saved_quantizer_config,
+    write_quantized_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +176,10 @@ def save_quantized_pipeline(pipe, save_directory: str | os.PathLike, *, overwrit
     card also at the top), atomically: built beside the target, then renamed into place. A
     non-empty target is refused unless ``overwrite``, and even then unless it holds nothing but an
     earlier quantized pipeline save (check_replaceable)."""
-    _, component, _ = denoiser_of(pipe)
+    component = next((name for name, value in pipe.components.items() if isinstance(value, QuantizedModelMixin)), None)
+    if component is None:
+        raise TypeError(f"the {type(pipe).__name__} holds no quantized denoiser; quantize it with quantize_pipeline() "
+                        "first, or save an FP pipeline with its own save_pretrained")
     target = Path(save_directory)
     if not overwrite:
         check_new_or_empty(target)

@@ -47,7 +47,7 @@ def check_finite_weights(model, component: str = "model") -> None:
 def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
                       calibration_data: CalibrationData | None = None, progress: bool = True,
                       record_conflict: bool = False, checkpoint_dir: str | os.PathLike | None = None,
-                      resume: bool = False):
+                      resume: bool = False, base_model: str | None = None):
     """Quantize the pipeline's denoiser and return a new pipeline of the same class that samples as usual.
 
     Supported (see ``models/``): DDIMPipeline, DDPMPipeline and LDMPipeline (UNet2DModel),
@@ -70,6 +70,10 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
     bit-identical to an uninterrupted run. A checkpoint of another config or model is refused.
     Everything that can be checked (config, pipeline, device, data, checkpoint) is checked before
     any sampling. See docs/reliability.md.
+
+    ``base_model``: where the FP model came from (a Hub id), for the model card and
+    quantization_config.json; by default the pipeline's ``name_or_path``. Only its publishable
+    form is recorded (hub.public_base_model: a Hub id, "reference", or a folder's name).
     """
     config = config or GradientAlignedQuantizer()
     config.validate()
@@ -119,7 +123,7 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
     report.data_seconds = data_seconds
     report.data_digest = calibration_data.digest()
     set_quant_state(model, weight=True, act=config.quantizes_activations)
-    mark_quantized(model, QuantizationState(config, wrap, report, base_model=_public_origin(pipe, fp_model)))
+    mark_quantized(model, QuantizationState(config, wrap, report, base_model=public_base_model(base_model) or _public_origin(pipe, fp_model)))
     if model.config.get("_name_or_path"):  # config.json would otherwise carry the absolute path too
         model.register_to_config(_name_or_path=public_base_model(model.config["_name_or_path"]))
     return rebuild_pipeline(pipe, component, model)

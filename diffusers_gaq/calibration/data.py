@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..config import GradientAlignedQuantizer
 from ..digests import tensors_digest
+from ..files import atomic_save_safetensors
 from ..models.base import CalibrationConditioning
 
 logger = logging.getLogger(__name__)
@@ -119,8 +120,6 @@ class CalibrationData:
         return cls(t["samples"], t["timesteps"], t["step_index"], t["group"], t["is_val"].bool(), cond)
 
     def save(self, path: str | Path) -> None:
-        from ..files import atomic_save_safetensors
-
         atomic_save_safetensors(self.to_tensors(), path)
 
     @classmethod

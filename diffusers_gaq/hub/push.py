@@ -24,7 +24,7 @@ from huggingface_hub.utils import set_client_factory
 from ..config import CONFIG_NAME
 from ..files import atomic_write_text
 from ..folders import quantized_model_dir
-from ..serialization import CheckpointError
+from ..serialization import CheckpointError, read_json
 from .card import CARD_NAME, card_for_repo, write_model_card
 from .repo import check_repo_id, public_base_model
 
@@ -57,9 +57,9 @@ def _check_checkpoint_folder(folder: Path) -> None:
     if not qcfg.is_file():
         raise CheckpointError(f"{qcfg} is missing: {folder} is not a diffusers-gaq checkpoint, refusing to push it")
     try:
-        method = json.loads(qcfg.read_text(encoding="utf-8")).get("quant_method")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise CheckpointError(f"{qcfg} is not valid JSON ({e}); refusing to push a corrupt checkpoint") from None
+        method = read_json(qcfg).get("quant_method")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; refusing to push a corrupt checkpoint") from None
     if method != "gaq":
         raise CheckpointError(f"{qcfg}: quant_method is {method!r}, not 'gaq'; not a diffusers-gaq checkpoint")
 

@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..files import atomic_save_safetensors, atomic_write_text
+
 FEATURE_DIM = 128
 
 
@@ -40,8 +42,6 @@ class FashionClassifier(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        from ..files import atomic_save_safetensors, atomic_write_text
-
         atomic_write_text(directory / "config.json", json.dumps(self.config, indent=2))
         atomic_save_safetensors(self.state_dict(), directory / "model.safetensors")
 

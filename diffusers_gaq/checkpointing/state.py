@@ -1,28 +1,6 @@
-"""Resumable calibration: the calibration state on disk, saved after every finished unit.
-
-A checkpoint folder (``quantize_pipeline(..., checkpoint_dir=...)``, CLI ``--checkpoint-dir``)
-holds two files, each written atomically (temporary file, fsync, rename: files.atomic_path), so
-a crash at any moment leaves the previous complete file, or none:
-
-    calibration_data.safetensors    the calibration set, written once, right after it is collected
-    calibration_state.safetensors   rewritten after every finished reconstruction unit: the wrapped
-                                    model's whole state (finished units hold their integer codes and
-                                    learned step sizes, the others their defaults), the sample
-                                    scores and the per-unit reports
-
-Each file carries a manifest (JSON in its safetensors metadata) with
-
-- the *fingerprint* of the run: the quantization config (every field but ``device``), the base
-  model's class, config and a digest of each of its tensors, the scheduler config (it shapes the
-  sampled calibration data) or the digest of calibration data the caller gave;
-- a digest of the file's own tensors, so that a corrupt or edited file is refused, not used.
-
-Resuming (``resume=True`` / ``--resume``) refuses a checkpoint whose fingerprint differs from the
-current run and says what differs (config fields, model config keys, tensors). Calibration draws
-its random numbers from per-unit generators seeded from the config (calibrate.py) and the state
-is restored bit-exactly, so a resumed run writes the same quantized weights, byte for byte, as an
-uninterrupted one. Only the main process writes (distributed.py); every process reads.
-"""
+"""The calibration state on disk: the calibration data, and the state after every finished unit,
+each a safetensors file with a manifest (see the package docstring), and what a resumed run
+starts from."""
 
 from __future__ import annotations
 
@@ -30,24 +8,20 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import diffusers
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ._version import __version__
-from .calibration.calibrate import CalibrationReport, CalibrationStart, UnitHook, UnitReport
-from .calibration.data import CalibrationData
-from .config import GradientAlignedQuantizer
-from .digests import tensor_digest, tensors_digest
-from .files import atomic_save_safetensors, check_writable_location
-from .models import family_for
-from .quant.layers import QuantLayer
-from .serialization import CheckpointError
+from ..calibration.calibrate import CalibrationReport, CalibrationStart, UnitHook, UnitReport
+from ..calibration.data import CalibrationData
+from ..digests import tensors_digest
+from ..files import atomic_save_safetensors
+from ..quant.layers import QuantLayer
+from ..serialization import CheckpointError
+from .fingerprint import _versions, describe_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -55,128 +29,10 @@ DATA_NAME = "calibration_data.safetensors"
 STATE_NAME = "calibration_state.safetensors"
 FORMAT_VERSION = 1
 _MANIFEST_KEY = "gaq_calibration_checkpoint"
-# Config fields that do not change the result: a run may be resumed on another device.
-_RESULT_NEUTRAL_FIELDS = ("device",)
 
 
 class CheckpointMismatchError(CheckpointError):
     """The checkpoint was written by a run with another config, model or calibration data."""
-
-
-# ---- digests and fingerprints -----------------------------------------------------------------------
-def _jsonable(value):
-    """The value as it reads back from JSON (tuples become lists, ...), for comparisons."""
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
-def _public_config(cfg) -> dict:
-    # diffusers' private keys (_name_or_path, _diffusers_version, ...) say where a model came from,
-    # not what it computes: the same model loaded from another folder is the same model.
-    return _jsonable({k: v for k, v in dict(cfg).items() if not k.startswith("_")})
-
-
-def config_fingerprint(config: GradientAlignedQuantizer) -> dict:
-    """The config fields that determine the result, as they read back from JSON."""
-    fields = {k: v for k, v in config.to_dict().items() if k not in _RESULT_NEUTRAL_FIELDS}
-    # Pairs, not a mapping: the order of layer_precision decides which pattern wins.
-    fields["layer_precision"] = [list(item) for item in config.layer_precision.items()]
-    return _jsonable(fields)
-
-
-def run_fingerprint(model, scheduler_config, config: GradientAlignedQuantizer,
-                    calibration_data: CalibrationData | None = None) -> dict:
-    """Everything that determines the calibration result, in a JSON-comparable form. (A text
-    encoder is not in it: its prompt embeddings are in the saved calibration data, which a
-    resumed run reads instead of sampling again.)"""
-    return {
-        "config": config_fingerprint(config),
-        "model_class": type(model).__name__,
-        "model_config": _public_config(model.config),
-        "model_tensors": {name: tensor_digest(t) for name, t in model.state_dict().items()},
-        # Sampled data depends on the scheduler; data the caller gives does not.
-        "scheduler_config": _public_config(scheduler_config) if calibration_data is None else None,
-        "calibration_data": "sampled" if calibration_data is None else calibration_data.digest(),
-    }
-
-
-def _differences(label: str, saved: dict | None, current: dict | None, limit: int = 8) -> str | None:
-    saved, current = saved or {}, current or {}
-    missing = "<absent>"
-    keys = sorted(k for k in set(saved) | set(current) if saved.get(k, missing) != current.get(k, missing))
-    if not keys:
-        return None
-    shown = ", ".join(f"{k} (checkpoint {saved.get(k, missing)!r}, now {current.get(k, missing)!r})"
-                      for k in keys[:limit])
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return f"{label} differ: {shown}{more}"
-
-
-def describe_mismatch(saved: dict, current: dict) -> list[str]:
-    """One line per part of the fingerprint that differs; empty when the runs match."""
-    lines = [d for d in (_differences("config fields", saved.get("config"), current.get("config")),
-                         _differences("model config keys", saved.get("model_config"), current.get("model_config")),
-                         _differences("scheduler config keys", saved.get("scheduler_config"),
-                                      current.get("scheduler_config")))
-             if d]
-    if saved.get("model_class") != current.get("model_class"):
-        lines.append(f"model class differs: checkpoint {saved.get('model_class')}, now {current.get('model_class')}")
-    a, b = saved.get("model_tensors") or {}, current.get("model_tensors") or {}
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    if changed:
-        lines.append(f"model weights differ in {len(changed)} tensor(s): {', '.join(changed[:5])}"
-                     + (" ..." if len(changed) > 5 else ""))
-    if saved.get("calibration_data") != current.get("calibration_data"):
-        def what(v):
-            return "sampled from the pipeline" if v == "sampled" else f"given by the caller (sha256 {str(v)[:12]})"
-        lines.append(f"calibration data differs: checkpoint {what(saved.get('calibration_data'))}, "
-                     f"now {what(current.get('calibration_data'))}")
-    return lines
-
-
-def _versions() -> dict:
-    return {"diffusers_gaq": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
-
-
-# ---- the folder, before any work ---------------------------------------------------------------
-def has_checkpoint(directory: str | os.PathLike) -> bool:
-    d = Path(directory)
-    return (d / DATA_NAME).exists() or (d / STATE_NAME).exists()
-
-
-def check_checkpoint_dir(directory: str | os.PathLike | None, resume: bool, need_bytes: int = 0) -> None:
-    """Refuse, before any work, what cannot end well: ``resume`` without a folder, a folder that is
-    a file or cannot be written, an existing checkpoint that would be overwritten without
-    ``resume``, too little free space for ``need_bytes``."""
-    if directory is None:
-        if resume:
-            raise ValueError("resume=True needs checkpoint_dir= (CLI: --resume needs --checkpoint-dir) to resume from")
-        return
-    d = Path(directory)
-    if d.exists() and not d.is_dir():
-        raise ValueError(f"checkpoint folder {d} is a file; choose a folder")
-    if has_checkpoint(d) and not resume:
-        raise FileExistsError(f"{d} already holds a calibration checkpoint; pass resume=True (CLI: --resume) to "
-                              "continue it, or delete it / choose another folder to start over")
-    try:  # a folder under a file used to pass here and fail only when the data was saved
-        probe = check_writable_location(d)
-    except (NotADirectoryError, PermissionError) as e:
-        raise type(e)(f"checkpoint folder {d}: {e}") from None
-    free = shutil.disk_usage(probe).free
-    if need_bytes and free < need_bytes:
-        raise OSError(f"the calibration checkpoint needs about {need_bytes / 2**20:.0f} MiB but only "
-                      f"{free / 2**20:.0f} MiB are free under {probe}; free some space or choose another folder")
-
-
-def estimated_checkpoint_bytes(model, config: GradientAlignedQuantizer, family=None) -> int:
-    """Room the checkpoint needs: the state file twice (the old one stays until the new one is
-    whole) at about 1.5x the model (FP weights plus codes and quantizer state), plus the data
-    (counted with two conditioning branches, classifier-free guidance's upper bound)."""
-    family = family or family_for(model)
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    c, h, w = family.sample_shape(model)
-    per_sample = c * h * w * 4 + family.conditioning_bytes_per_sample(model)
-    data = 2 * config.num_calibration_timesteps * config.samples_per_timestep * per_sample
-    return int(3 * weights + data) + 16 * 2**20
 
 
 # ---- what a resumed run starts from ------------------------------------------------------------
@@ -368,24 +224,3 @@ class CalibrationCheckpoint:
                     len(point.unit_names), point.unit_names[point.next_unit] if point.next_unit < len(point.unit_names)
                     else "(none: calibration finished)")
         return point
-
-
-def open_checkpoint(directory: str | os.PathLike | None, resume: bool, family, model, scheduler_config,
-                    config: GradientAlignedQuantizer, calibration_data: CalibrationData | None = None, dist=None
-                    ) -> tuple[CalibrationCheckpoint | None, ResumePoint]:
-    """quantize_pipeline's entry point: check the folder and, when resuming, read and verify the
-    checkpoint, all before any sampling. ``model``: the FP denoiser (``family`` its family);
-    ``dist``: the process group of a multi-process run (only its main process writes). Returns
-    (checkpoint or None, where to start)."""
-    check_checkpoint_dir(directory, resume, estimated_checkpoint_bytes(model, config, family) if directory else 0)
-    if directory is None:
-        return None, ResumePoint()
-    checkpoint = CalibrationCheckpoint(directory, run_fingerprint(model, scheduler_config, config, calibration_data),
-                                       dist=dist)
-    return checkpoint, checkpoint.load() if resume else ResumePoint()
-
-
-__all__ = ["CalibrationCheckpoint", "CheckpointMismatchError", "ResumePoint", "DATA_NAME", "STATE_NAME",
-           "check_checkpoint_dir", "config_fingerprint", "describe_mismatch", "estimated_checkpoint_bytes",
-           "open_checkpoint",
-           "run_fingerprint", "tensor_digest"]
