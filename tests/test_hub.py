@@ -2,7 +2,7 @@
 
 What is real here: the unmodified ``huggingface_hub`` client (HfApi.create_repo, upload_folder,
 snapshot_download, hf_hub_download), HTTP over the loopback interface, and our own save / load
-(packed integer checkpoints) and card rendering. What is a stand-in: ``tests/hub_server.LocalHub``
+(packed integer checkpoints) and card rendering. What is a stand-in: ``tests/fake_hub/server.LocalHub``
 plays huggingface.co's HTTP API (repos, LFS uploads, commits, downloads) in memory.
 
 One tiny W4A8 model (reference architecture, random weights, a few calibration iterations with
@@ -20,11 +20,13 @@ from pathlib import Path
 import httpx2
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+from diffusers import DDIMScheduler
+from fake_hub.server import LocalHub, refused_endpoint
+from helpers import fp_pipeline
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 
-from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline
+from diffusers_gaq import quantize_pipeline
 from diffusers_gaq.calibration.calibrate import CalibrationReport, UnitReport
 from diffusers_gaq.hub import (
     REPO_ID_PLACEHOLDER,
@@ -38,8 +40,6 @@ from diffusers_gaq.models.quantized import QuantizedUNet2DModel
 from diffusers_gaq.plots import plot_conflict, plot_fidelity_bars, plot_sample_weights
 from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
 from diffusers_gaq.serialization import CheckpointError, load_quantized
-from hub_fixtures import hub_env, local_hub, no_retry_sleep  # noqa: F401
-from hub_server import LocalHub, refused_endpoint
 
 torch.set_num_threads(1)
 
@@ -50,15 +50,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # ---- fixtures ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def qpipe():
-    torch.manual_seed(0)
-    pipe = DDIMPipeline(unet=UNet2DModel(**REFERENCE_UNET_CONFIG).eval(),
-                        scheduler=DDIMScheduler(**REFERENCE_SCHEDULER_CONFIG))
+def qpipe(tiny_quantizer):
+    pipe = fp_pipeline(REFERENCE_UNET_CONFIG)
     # The smallest budget that still runs every stage: meta-learned weights, reconstruction, conflict.
-    config = GradientAlignedQuantizer(
-        weight_bits=4, act_bits=8, num_inference_steps=4, num_calibration_timesteps=2, samples_per_timestep=4,
-        num_groups=2, val_fraction=0.25, calibration_batch_size=8, recon_iters=1, recon_batch_size=8,
-        meta_iters=1, meta_batch_size=8)
+    config = tiny_quantizer(weight_bits=4, act_bits=8)
     qpipe = quantize_pipeline(pipe, config, progress=False, record_conflict=True)
     qpipe.unet.gaq_base_model = BASE_MODEL
     return qpipe

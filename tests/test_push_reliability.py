@@ -2,7 +2,7 @@
 the repo they went to, and no local absolute path in anything a push uploads.
 
 The client is the unmodified huggingface_hub; servers are on the loopback interface only:
-``tests/hub_server.LocalHub`` (an in-memory Hub), a socket that accepts and never answers, and
+``tests/fake_hub/server.LocalHub`` (an in-memory Hub), a socket that accepts and never answers, and
 ``refused_endpoint()`` where nothing listens.
 """
 
@@ -23,6 +23,7 @@ import huggingface_hub.utils._http as hf_http
 import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+from fake_hub.server import LocalHub, refused_endpoint
 from huggingface_hub import ModelCard
 
 from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline
@@ -39,8 +40,6 @@ from diffusers_gaq.hub import (
 from diffusers_gaq.reference import PIPELINE_DIR
 from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
 from diffusers_gaq.serialization import save_quantized_pipeline
-from hub_fixtures import hub_env, local_hub, no_retry_sleep  # noqa: F401
-from hub_server import LocalHub, refused_endpoint
 
 torch.set_num_threads(1)
 
