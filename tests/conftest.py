@@ -18,14 +18,9 @@ from diffusers_gaq import pipeline as pipeline_module
 
 
 @pytest.fixture(scope="session")
-def tiny_budget():
-    """The smallest calibration budget that runs every stage (read-only mapping; ``dict(...)`` to edit)."""
-    return TINY_BUDGET
-
-
-@pytest.fixture(scope="session")
 def tiny_quantizer() -> Callable[..., GradientAlignedQuantizer]:
-    """``tiny_quantizer(weight_bits=4, ...)``: a GradientAlignedQuantizer on the tiny budget."""
+    """``tiny_quantizer(weight_bits=4, ...)``: a GradientAlignedQuantizer on helpers.TINY_BUDGET, the
+    smallest calibration budget that runs every stage."""
     def make(**settings) -> GradientAlignedQuantizer:
         return GradientAlignedQuantizer(**dict(TINY_BUDGET, **settings))
     return make
@@ -47,7 +42,8 @@ def small_w4a8(tiny_quantizer):
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    """The FP pipeline of TINY_UNET_CONFIG (seed 0) that the reliability and checkpointing tests quantize."""
+    """The FP pipeline of TINY_UNET_CONFIG (seed 0): what the reliability, checkpointing and verified-load
+    tests quantize."""
     return tiny_pipeline()
 
 

@@ -7,6 +7,7 @@ time, in ``parametrize`` lists and module-level tables; tests/conftest.py makes 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from types import MappingProxyType
@@ -68,6 +69,12 @@ def same_tensors(a: dict, b: dict) -> bool:
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` with its bytes: to show that nothing was touched."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (POSIX relative path) with the sha256 of its bytes."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def checkpoint_manifest(path: Path) -> dict:

@@ -11,7 +11,6 @@ gradient-aligned weights and recorded conflict matrices) is built once for the m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -22,7 +21,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 from fake_hub.server import LocalHub, refused_endpoint
-from helpers import fp_pipeline
+from helpers import digests, fp_pipeline
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 
@@ -86,11 +85,6 @@ def _outputs(unet) -> torch.Tensor:
     return unet(x, t).sample
 
 
-def _digests(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def _python_blocks(markdown: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
 
@@ -121,14 +115,14 @@ def test_push_to_hub_then_from_pretrained_is_bit_identical(model, local_hub: Loc
 
 
 def test_push_folder_fills_repo_id_and_keeps_other_files(checkpoint_copy, local_hub: LocalHub, hub_env: str):
-    before = _digests(checkpoint_copy)
+    before = digests(checkpoint_copy)
     assert REPO_ID_PLACEHOLDER in (checkpoint_copy / "README.md").read_text()
 
     info = push_folder(checkpoint_copy, REPO_ID, endpoint=local_hub.endpoint, create_pr=True)
 
     assert info.pr_url is not None  # create_pr went through: main still holds only .gitattributes
     assert set(local_hub.repo(REPO_ID).files()) == {".gitattributes"}
-    after = _digests(checkpoint_copy)
+    after = digests(checkpoint_copy)
     assert set(after) == set(before)
     assert {k for k in before if before[k] != after[k]} == {"README.md"}  # only the repo id was filled in
     assert f'from_pretrained("{REPO_ID}")' in (checkpoint_copy / "README.md").read_text()
@@ -184,7 +178,7 @@ def test_refused_credentials_say_how_to_fix_the_token(checkpoint_copy, monkeypat
 
 
 def test_refused_connection_raises_hub_push_error(checkpoint_copy, no_retry_sleep):
-    before = _digests(checkpoint_copy)
+    before = digests(checkpoint_copy)
     endpoint = refused_endpoint()
 
     with pytest.raises(HubPushError) as excinfo:
@@ -193,7 +187,7 @@ def test_refused_connection_raises_hub_push_error(checkpoint_copy, no_retry_slee
     assert excinfo.value.status_code is None
     assert "connection failed" in str(excinfo.value) and endpoint in str(excinfo.value)
     assert "intact" in str(excinfo.value)
-    assert set(_digests(checkpoint_copy)) == set(before)
+    assert set(digests(checkpoint_copy)) == set(before)
 
 
 # ---- (d) invalid input fails before any request -----------------------------------------------

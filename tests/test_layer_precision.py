@@ -90,9 +90,9 @@ def _inputs():
 
 
 # ---- which layers get which quantizers ----------------------------------------------------------
-def test_patterns_set_exactly_the_layers_they_name():
+def test_patterns_set_exactly_the_layers_they_name(small_unet):
     model, report = _wrap(GradientAlignedQuantizer(layer_precision={"down_blocks.2.*": "w8a16"}))
-    names = _layer_names(fp_unet())
+    names = _layer_names(small_unet)
     for name in names:
         assert _tag_of(model, name) == _expected(name, {"down_blocks.2.*": "w8a16"}), name
     named = [n for n in names if n.startswith("down_blocks.2.")]
@@ -101,9 +101,9 @@ def test_patterns_set_exactly_the_layers_they_name():
     assert all(report.layer_bits[n] == {"weight_bits": 4, "act_bits": 8} for n in others)
 
 
-def test_mixed_tags_first_match_wins_and_fp_weights_have_no_quantizer():
+def test_mixed_tags_first_match_wins_and_fp_weights_have_no_quantizer(small_unet):
     model, report = _wrap(GradientAlignedQuantizer(**MIXED_SETTINGS))
-    for name in _layer_names(fp_unet()):
+    for name in _layer_names(small_unet):
         assert _tag_of(model, name) == _expected(name, MIXED), name
     # first match: conv1 is w6 although "down_blocks.1.*" (w5a8) also matches it, later
     assert report.layer_bits["down_blocks.1.resnets.0.conv1"] == {"weight_bits": 6, "act_bits": None}
@@ -195,9 +195,9 @@ def test_invalid_first_last_precision_is_refused(tag):
     assert repr(tag) in str(e.value) and "'same'" in str(e.value)
 
 
-def test_unknown_pattern_is_refused_with_a_hint(caplog):
+def test_unknown_pattern_is_refused_with_a_hint(caplog, small_unet):
     config = GradientAlignedQuantizer(layer_precision={"up_block.*": "w8a8"})  # typo: up_block
-    model = fp_unet()
+    model = small_unet
     with pytest.raises(ValueError, match=r"pattern 'up_block\.\*' matches no Conv2d / Linear") as e:
         wrap_model(model, config, family_for(model))
     assert "up_blocks." in str(e.value)  # a hint of what the names look like
@@ -231,9 +231,9 @@ def mixed_folder(mixed, tmp_path_factory):
     return mixed.save_pretrained(tmp_path_factory.mktemp("mixed") / "unet")
 
 
-def test_mixed_precision_round_trip_is_bit_exact(mixed, mixed_folder):
+def test_mixed_precision_round_trip_is_bit_exact(mixed, mixed_folder, small_unet):
     loaded = load_quantized(mixed_folder)
-    for name in _layer_names(fp_unet()):
+    for name in _layer_names(small_unet):
         assert _tag_of(loaded, name) == _tag_of(mixed, name) == _expected(name, MIXED), name
     x, t = _inputs()
     with torch.no_grad():
@@ -274,8 +274,8 @@ def _bits(tag: str) -> tuple[int | None, int | None]:
     return w, a
 
 
-def test_effective_bits_per_weight(mixed, mixed_folder):
-    fp = fp_unet()
+def test_effective_bits_per_weight(mixed, mixed_folder, small_unet):
+    fp = small_unet
     total_bits = total = 0
     for name in _layer_names(fp):
         numel = fp.get_submodule(name).weight.numel()
