@@ -2,7 +2,7 @@
 
 What is real here: the unmodified ``huggingface_hub`` client (HfApi.create_repo, upload_folder,
 snapshot_download, hf_hub_download), HTTP over the loopback interface, and our own save / load
-(packed integer checkpoints) and card rendering. What is a stand-in: ``tests/hub_server.LocalHub``
+(packed integer checkpoints) and card rendering. What is a stand-in: ``tests/fake_hub/server.LocalHub``
 plays huggingface.co's HTTP API (repos, LFS uploads, commits, downloads) in memory.
 
 One tiny W4A8 model (reference architecture, random weights, a few calibration iterations with
@@ -11,7 +11,6 @@ gradient-aligned weights and recorded conflict matrices) is built once for the m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -20,11 +19,13 @@ from pathlib import Path
 import httpx2
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+from diffusers import DDIMScheduler
+from fake_hub.server import LocalHub, refused_endpoint
+from helpers import digests, fp_pipeline
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 
-from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline
+from diffusers_gaq import quantize_pipeline
 from diffusers_gaq.calibration.calibrate import CalibrationReport, UnitReport
 from diffusers_gaq.hub import (
     REPO_ID_PLACEHOLDER,
@@ -39,8 +40,6 @@ from diffusers_gaq.plots import plot_conflict, plot_fidelity_bars, plot_sample_w
 from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
 from diffusers_gaq.serialization import CheckpointError
 from diffusers_gaq.modeling import load_quantized
-from hub_fixtures import hub_env, local_hub, no_retry_sleep  # noqa: F401
-from hub_server import LocalHub, refused_endpoint
 
 torch.set_num_threads(1)
 
@@ -51,15 +50,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # ---- fixtures ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def qpipe():
-    torch.manual_seed(0)
-    pipe = DDIMPipeline(unet=UNet2DModel(**REFERENCE_UNET_CONFIG).eval(),
-                        scheduler=DDIMScheduler(**REFERENCE_SCHEDULER_CONFIG))
+def qpipe(tiny_quantizer):
+    pipe = fp_pipeline(REFERENCE_UNET_CONFIG)
     # The smallest budget that still runs every stage: meta-learned weights, reconstruction, conflict.
-    config = GradientAlignedQuantizer(
-        weight_bits=4, act_bits=8, num_inference_steps=4, num_calibration_timesteps=2, samples_per_timestep=4,
-        num_groups=2, val_fraction=0.25, calibration_batch_size=8, recon_iters=1, recon_batch_size=8,
-        meta_iters=1, meta_batch_size=8)
+    config = tiny_quantizer(weight_bits=4, act_bits=8)
     qpipe = quantize_pipeline(pipe, config, progress=False, record_conflict=True)
     qpipe.unet.gaq_base_model = BASE_MODEL
     return qpipe
@@ -92,11 +86,6 @@ def _outputs(unet) -> torch.Tensor:
     return unet(x, t).sample
 
 
-def _digests(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def _python_blocks(markdown: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
 
@@ -127,14 +116,14 @@ def test_push_to_hub_then_from_pretrained_is_bit_identical(model, local_hub: Loc
 
 
 def test_push_folder_fills_repo_id_and_keeps_other_files(checkpoint_copy, local_hub: LocalHub, hub_env: str):
-    before = _digests(checkpoint_copy)
+    before = digests(checkpoint_copy)
     assert REPO_ID_PLACEHOLDER in (checkpoint_copy / "README.md").read_text()
 
     info = push_folder(checkpoint_copy, REPO_ID, endpoint=local_hub.endpoint, create_pr=True)
 
     assert info.pr_url is not None  # create_pr went through: main still holds only .gitattributes
     assert set(local_hub.repo(REPO_ID).files()) == {".gitattributes"}
-    after = _digests(checkpoint_copy)
+    after = digests(checkpoint_copy)
     assert set(after) == set(before)
     assert {k for k in before if before[k] != after[k]} == {"README.md"}  # only the repo id was filled in
     assert f'from_pretrained("{REPO_ID}")' in (checkpoint_copy / "README.md").read_text()
@@ -190,7 +179,7 @@ def test_refused_credentials_say_how_to_fix_the_token(checkpoint_copy, monkeypat
 
 
 def test_refused_connection_raises_hub_push_error(checkpoint_copy, no_retry_sleep):
-    before = _digests(checkpoint_copy)
+    before = digests(checkpoint_copy)
     endpoint = refused_endpoint()
 
     with pytest.raises(HubPushError) as excinfo:
@@ -199,7 +188,7 @@ def test_refused_connection_raises_hub_push_error(checkpoint_copy, no_retry_slee
     assert excinfo.value.status_code is None
     assert "connection failed" in str(excinfo.value) and endpoint in str(excinfo.value)
     assert "intact" in str(excinfo.value)
-    assert set(_digests(checkpoint_copy)) == set(before)
+    assert set(digests(checkpoint_copy)) == set(before)
 
 
 # ---- (d) invalid input fails before any request -----------------------------------------------

@@ -14,9 +14,10 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+from helpers import TINY_BUDGET, fp_pipeline, fp_unet
 from optimum.quanto import QConv2d, QLinear, qint4, qint8
 from safetensors import safe_open
+from test_families import tiny_dit, tiny_sd_unet
 from torch import nn
 
 from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline
@@ -29,18 +30,11 @@ from diffusers_gaq.models.attention import QuantAttnProcessor
 from diffusers_gaq.models.wrap import check_layer_patterns, quant_layers, wrap_model
 from diffusers_gaq.quant.layers import QuantLayer
 from diffusers_gaq.quanto_export import export_to_quanto
-from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
 from diffusers_gaq.serialization import CODES_KEY, WEIGHTS_NAME
 from diffusers_gaq.weight_bits import checkpoint_weight_bits, model_weight_bits
 from diffusers_gaq.modeling import load_quantized
-from test_families import tiny_dit, tiny_sd_unet
 
 torch.set_num_threads(1)
-
-TINY = dict(num_inference_steps=4, num_calibration_timesteps=2, samples_per_timestep=4, num_groups=2,
-            val_fraction=0.25, calibration_batch_size=8, recon_iters=1, recon_batch_size=8, meta_iters=1,
-            meta_batch_size=8)
-SMALL_UNET_CONFIG = dict(REFERENCE_UNET_CONFIG, layers_per_block=1)
 
 # Every form of tag, a first-match case (conv1 before its block's pattern), an attention module
 # switched off by name, a whole unit with FP weights (time_embedding: nothing to round, and with
@@ -56,15 +50,6 @@ MIXED = {
     "up_blocks.*": "w3a6",
 }
 MIXED_SETTINGS = dict(weight_bits=4, act_bits=8, layer_precision=MIXED, learn_act_scale=False)
-
-
-def _fp_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(**SMALL_UNET_CONFIG).eval()
-
-
-def _fp_pipe() -> DDIMPipeline:
-    return DDIMPipeline(unet=_fp_unet(), scheduler=DDIMScheduler(**REFERENCE_SCHEDULER_CONFIG))
 
 
 def _layer_names(model) -> list[str]:
@@ -91,7 +76,7 @@ def _tag_of(model, name: str) -> str:
 
 
 def _wrap(config: GradientAlignedQuantizer, model=None):
-    model = model if model is not None else _fp_unet()
+    model = model if model is not None else fp_unet()
     return model, wrap_model(model, config, family_for(model))
 
 
@@ -101,9 +86,9 @@ def _inputs():
 
 
 # ---- which layers get which quantizers ----------------------------------------------------------
-def test_patterns_set_exactly_the_layers_they_name():
+def test_patterns_set_exactly_the_layers_they_name(small_unet):
     model, report = _wrap(GradientAlignedQuantizer(layer_precision={"down_blocks.2.*": "w8a16"}))
-    names = _layer_names(_fp_unet())
+    names = _layer_names(small_unet)
     for name in names:
         assert _tag_of(model, name) == _expected(name, {"down_blocks.2.*": "w8a16"}), name
     named = [n for n in names if n.startswith("down_blocks.2.")]
@@ -112,9 +97,9 @@ def test_patterns_set_exactly_the_layers_they_name():
     assert all(report.layer_bits[n] == {"weight_bits": 4, "act_bits": 8} for n in others)
 
 
-def test_mixed_tags_first_match_wins_and_fp_weights_have_no_quantizer():
+def test_mixed_tags_first_match_wins_and_fp_weights_have_no_quantizer(small_unet):
     model, report = _wrap(GradientAlignedQuantizer(**MIXED_SETTINGS))
-    for name in _layer_names(_fp_unet()):
+    for name in _layer_names(small_unet):
         assert _tag_of(model, name) == _expected(name, MIXED), name
     # first match: conv1 is w6 although "down_blocks.1.*" (w5a8) also matches it, later
     assert report.layer_bits["down_blocks.1.resnets.0.conv1"] == {"weight_bits": 6, "act_bits": None}
@@ -206,9 +191,9 @@ def test_invalid_first_last_precision_is_refused(tag):
     assert repr(tag) in str(e.value) and "'same'" in str(e.value)
 
 
-def test_unknown_pattern_is_refused_with_a_hint(caplog):
+def test_unknown_pattern_is_refused_with_a_hint(caplog, small_unet):
     config = GradientAlignedQuantizer(layer_precision={"up_block.*": "w8a8"})  # typo: up_block
-    model = _fp_unet()
+    model = small_unet
     with pytest.raises(ValueError, match=r"pattern 'up_block\.\*' matches no Conv2d / Linear") as e:
         wrap_model(model, config, family_for(model))
     assert "up_blocks." in str(e.value)  # a hint of what the names look like
@@ -224,16 +209,17 @@ def test_quantize_pipeline_refuses_an_unknown_pattern_before_sampling(monkeypatc
         raise AssertionError("calibration data was sampled before the pattern check")
 
     monkeypatch.setattr(pipeline_module, "collect_calibration_data", no_sampling)
-    config = GradientAlignedQuantizer(layer_precision={"down_blocks.9.*": "w8"}, **TINY)
+    config = GradientAlignedQuantizer(layer_precision={"down_blocks.9.*": "w8"}, **TINY_BUDGET)
     with pytest.raises(ValueError, match=r"'down_blocks\.9\.\*' matches no"):
-        quantize_pipeline(_fp_pipe(), config, progress=False)
+        quantize_pipeline(fp_pipeline(), config, progress=False)
 
 
 # ---- a calibrated mixed-precision model ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mixed():
     """The UNet quantized with MIXED (gradient-aligned reconstruction, tiny budget)."""
-    return quantize_pipeline(_fp_pipe(), GradientAlignedQuantizer(**MIXED_SETTINGS, **TINY), progress=False).unet
+    config = GradientAlignedQuantizer(**MIXED_SETTINGS, **TINY_BUDGET)
+    return quantize_pipeline(fp_pipeline(), config, progress=False).unet
 
 
 @pytest.fixture(scope="module")
@@ -241,9 +227,9 @@ def mixed_folder(mixed, tmp_path_factory):
     return mixed.save_pretrained(tmp_path_factory.mktemp("mixed") / "unet")
 
 
-def test_mixed_precision_round_trip_is_bit_exact(mixed, mixed_folder):
+def test_mixed_precision_round_trip_is_bit_exact(mixed, mixed_folder, small_unet):
     loaded = load_quantized(mixed_folder)
-    for name in _layer_names(_fp_unet()):
+    for name in _layer_names(small_unet):
         assert _tag_of(loaded, name) == _tag_of(mixed, name) == _expected(name, MIXED), name
     x, t = _inputs()
     with torch.no_grad():
@@ -284,8 +270,8 @@ def _bits(tag: str) -> tuple[int | None, int | None]:
     return w, a
 
 
-def test_effective_bits_per_weight(mixed, mixed_folder):
-    fp = _fp_unet()
+def test_effective_bits_per_weight(mixed, mixed_folder, small_unet):
+    fp = small_unet
     total_bits = total = 0
     for name in _layer_names(fp):
         numel = fp.get_submodule(name).weight.numel()
@@ -342,9 +328,9 @@ EXPRESSIBLE = dict(act_bits=8, act_symmetric=True, split_shortcut=False, quantiz
 
 def test_quanto_export_uses_per_module_types():
     # 8-bit convolutions only: they dequantize and run the same float op, so the export is exact.
-    config = GradientAlignedQuantizer(**EXPRESSIBLE, **TINY, layer_precision={
+    config = GradientAlignedQuantizer(**EXPRESSIBLE, **TINY_BUDGET, layer_precision={
         "down_blocks.0.resnets.0.conv*": "w8a8", "up_blocks.1.*": "fp"})
-    ours = quantize_pipeline(_fp_pipe(), config, progress=False).unet
+    ours = quantize_pipeline(fp_pipeline(), config, progress=False).unet
     exported = export_to_quanto(ours)
     assert isinstance(exported.get_submodule("down_blocks.0.resnets.0.conv1"), QConv2d)
     assert exported.get_submodule("down_blocks.0.resnets.0.conv1").weight_qtype == qint8
@@ -360,10 +346,10 @@ def test_quanto_export_uses_per_module_types():
 
 
 def test_quanto_export_refuses_what_it_cannot_express_naming_the_layer(caplog):
-    config = GradientAlignedQuantizer(**EXPRESSIBLE, **TINY, method="minmax", layer_precision={
+    config = GradientAlignedQuantizer(**EXPRESSIBLE, **TINY_BUDGET, method="minmax", layer_precision={
         "down_blocks.0.resnets.0.conv1": "a8", "down_blocks.0.resnets.0.conv2": "w4a6",
         "down_blocks.1.resnets.0.conv1": "w3a8"})
-    ours = quantize_pipeline(_fp_pipe(), config, progress=False).unet
+    ours = quantize_pipeline(fp_pipeline(), config, progress=False).unet
     with pytest.raises(ValueError) as e:
         export_to_quanto(ours)
     message = str(e.value)
@@ -373,9 +359,9 @@ def test_quanto_export_refuses_what_it_cannot_express_naming_the_layer(caplog):
         line = next(line for line in message.splitlines() if line.startswith(line_start))
         assert name in line, (name, line)
     # weights only: the a8 layer has nothing left to quantize and stays a plain layer (its input quantizer dropped)
-    config2 = GradientAlignedQuantizer(**EXPRESSIBLE, **TINY, method="minmax",
+    config2 = GradientAlignedQuantizer(**EXPRESSIBLE, **TINY_BUDGET, method="minmax",
                                        layer_precision={"down_blocks.0.resnets.0.conv1": "a8"})
-    ours = quantize_pipeline(_fp_pipe(), config2, progress=False).unet
+    ours = quantize_pipeline(fp_pipeline(), config2, progress=False).unet
     with caplog.at_level("WARNING"):
         exported = export_to_quanto(ours, activations=False)
     assert type(exported.get_submodule("down_blocks.0.resnets.0.conv1")) is nn.Conv2d

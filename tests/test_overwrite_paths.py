@@ -1,7 +1,7 @@
 """Overwrites that never delete what they should not, output paths checked before any work, and the
 input checks of issue 14 point 8. docs/reliability.md, "Overwrites and output paths", lists them.
 
-The command line runs in-process (cli.main); a small random-weight UNet (test_reliability's) stands
+The command line runs in-process (cli.main); a small random-weight UNet (helpers.TINY_UNET_CONFIG) stands
 for the model, so the whole file runs in well under a minute on one thread.
 """
 
@@ -13,10 +13,9 @@ from unittest import mock
 
 import pytest
 import torch
-from test_reliability import _config, _pipeline, _snapshot
+from helpers import reliability_config, snapshot, tiny_pipeline
 
 from diffusers_gaq import GradientAlignedQuantizer, cli, quantize_pipeline
-from diffusers_gaq import quantize as pipeline_module
 from diffusers_gaq.modeling import save_quantized_pipeline
 from diffusers_gaq.files import atomic_directory
 
@@ -24,32 +23,17 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def qpipe():
-    return quantize_pipeline(_pipeline(), _config(), progress=False)
+def qpipe(tiny_qpipe):
+    """A quantized pipeline to save: conftest's tiny_qpipe."""
+    return tiny_qpipe
 
 
 @pytest.fixture(scope="module")
 def fp_folder(tmp_path_factory) -> Path:
     """A full-precision pipeline folder, as a user's input model."""
     folder = tmp_path_factory.mktemp("fp") / "fp"
-    _pipeline().save_pretrained(folder)
+    tiny_pipeline().save_pretrained(folder)
     return folder
-
-
-@pytest.fixture
-def no_loading():
-    with mock.patch.object(cli, "load_pipeline", side_effect=AssertionError("the model was loaded")):
-        yield
-
-
-@pytest.fixture
-def no_sampling():
-    def forbidden(*args, **kwargs):
-        raise AssertionError("work started before the input was refused")
-
-    with mock.patch.object(pipeline_module, "collect_calibration_data", forbidden), \
-            mock.patch.object(pipeline_module, "wrap_model", forbidden):
-        yield
 
 
 def _cli(args, capsys) -> tuple[int, str]:
@@ -71,36 +55,36 @@ def test_overwrite_never_deletes_the_input_model(fp_folder, tmp_path, capsys, no
     models = tmp_path / "models"
     shutil.copytree(fp_folder, models / "fp")
     (models / "notes.txt").write_text("mine")
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     code, err = _cli(["quantize", models / "fp", "--output", models, "--overwrite", "--budget", "tiny"], capsys)
     _refused(code, err, "holds the input model", "Choose another --output")
     code, err = _cli(["quantize", models / "fp", "--output", models / "fp", "--overwrite", "--budget", "tiny"], capsys)
     _refused(code, err, "holds the input model")
     code, err = _cli(["quantize", models / "fp", "--output", models / "fp" / "q", "--budget", "tiny"], capsys)
     _refused(code, err, "inside the input model folder")
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_overwrite_refuses_an_earlier_save_with_other_files(qpipe, fp_folder, tmp_path, capsys, no_loading):
     out = save_quantized_pipeline(qpipe, tmp_path / "out")
     (out / "notes.txt").write_text("mine")
     (out / "unet" / "my-plot.pdf").write_bytes(b"%PDF")
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     code, err = _cli(["quantize", fp_folder, "--output", out, "--overwrite", "--budget", "tiny"], capsys)
     _refused(code, err, "notes.txt", "unet/my-plot.pdf", "nothing was changed")
     with pytest.raises(FileExistsError, match=r"does not write: notes.txt, unet/my-plot.pdf"):
         save_quantized_pipeline(qpipe, out, overwrite=True)
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_overwrite_refuses_a_folder_that_is_no_save_of_ours(qpipe, fp_folder, tmp_path):
     import shutil
 
     other = Path(shutil.copytree(fp_folder, tmp_path / "other-fp-model"))
-    before = _snapshot(other)
+    before = snapshot(other)
     with pytest.raises(FileExistsError, match="not an earlier quantized pipeline save"):
         save_quantized_pipeline(qpipe, other, overwrite=True)
-    assert _snapshot(other) == before
+    assert snapshot(other) == before
 
 
 def test_overwrite_replaces_an_earlier_save_of_ours(qpipe, fp_folder, tmp_path, capsys):
@@ -120,11 +104,11 @@ def test_save_pretrained_never_replaces_user_files(qpipe, tmp_path):
     """Issue 14: save_pretrained(dir) replaced any folder holding a quantization_config.json."""
     folder = qpipe.unet.save_pretrained(tmp_path / "unet", model_card=False)
     (folder / "notes.txt").write_text("mine")
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     for overwrite in (False, True):
         with pytest.raises(FileExistsError, match="does not write: notes.txt"):
             qpipe.unet.save_pretrained(folder, overwrite=overwrite)
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
     (folder / "notes.txt").unlink()
     qpipe.unet.save_pretrained(folder)  # an earlier save alone is replaced, as diffusers' save_pretrained does
     (tmp_path / "plain").mkdir()
@@ -148,7 +132,8 @@ def test_checkpoint_dir_under_a_file_is_refused_up_front(tmp_path, capsys, no_lo
                       "--checkpoint-dir", tmp_path / "afile" / "ckpt"], capsys)
     _refused(code, err, "checkpoint folder", "is a file, not a folder")
     with pytest.raises(NotADirectoryError, match="checkpoint folder .* is a file, not a folder"):
-        quantize_pipeline(_pipeline(), _config(), progress=False, checkpoint_dir=tmp_path / "afile" / "ckpt")
+        quantize_pipeline(tiny_pipeline(), reliability_config(), progress=False,
+                          checkpoint_dir=tmp_path / "afile" / "ckpt")
     assert (tmp_path / "afile").read_text() == "mine"
 
 
@@ -250,11 +235,11 @@ def test_a_model_path_that_is_a_file_is_refused(tmp_path, capsys, no_loading):
 
 
 def test_nan_weights_are_blamed_on_the_model(no_sampling):
-    pipe = _pipeline()
+    pipe = tiny_pipeline()
     with torch.no_grad():
         pipe.unet.conv_in.weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"parameter conv_in.weight holds NaN/Inf \(1 of 72 values\)"):
-        quantize_pipeline(pipe, _config(), progress=False)
+        quantize_pipeline(pipe, reliability_config(), progress=False)
 
 
 def test_push_options_are_documented(capsys):

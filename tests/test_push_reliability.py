@@ -2,13 +2,12 @@
 the repo they went to, and no local absolute path in anything a push uploads.
 
 The client is the unmodified huggingface_hub; servers are on the loopback interface only:
-``tests/hub_server.LocalHub`` (an in-memory Hub), a socket that accepts and never answers, and
+``tests/fake_hub/server.LocalHub`` (an in-memory Hub), a socket that accepts and never answers, and
 ``refused_endpoint()`` where nothing listens.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,8 @@ import huggingface_hub.utils._http as hf_http
 import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+from fake_hub.server import LocalHub, refused_endpoint
+from helpers import digests
 from huggingface_hub import ModelCard
 
 from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline
@@ -39,8 +40,6 @@ from diffusers_gaq.hub import (
 from diffusers_gaq.reference import PIPELINE_DIR
 from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
 from diffusers_gaq.modeling import save_quantized_pipeline
-from hub_fixtures import hub_env, local_hub, no_retry_sleep  # noqa: F401
-from hub_server import LocalHub, refused_endpoint
 
 torch.set_num_threads(1)
 
@@ -110,11 +109,6 @@ def silent_server():
             conn.close()
         listener.close()
         hf_http.close_session()  # drop pooled connections to it
-
-
-def _digests(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _text_files(folder: Path) -> dict[str, str]:
@@ -205,29 +199,29 @@ def test_cli_push_has_a_timeout_option(checkpoint_copy, silent_server):
 def test_server_error_leaves_the_folder_byte_identical(checkpoint_copy, local_hub: LocalHub, hub_env: str,
                                                        no_retry_sleep):
     assert REPO_ID_PLACEHOLDER in (checkpoint_copy / "README.md").read_text()  # a card to fill in
-    before = _digests(checkpoint_copy)
+    before = digests(checkpoint_copy)
     local_hub.fail_all = True
 
     with pytest.raises(HubPushError, match="HTTP 500"):
         push_folder(checkpoint_copy, REPO_ID, endpoint=local_hub.endpoint)
 
-    assert _digests(checkpoint_copy) == before
+    assert digests(checkpoint_copy) == before
 
 
 def test_refused_connection_leaves_an_old_checkpoint_byte_identical(checkpoint_copy, base_folder, no_retry_sleep):
     _make_old_checkpoint(checkpoint_copy, base_folder)  # the push would rewrite three files
-    before = _digests(checkpoint_copy)
+    before = digests(checkpoint_copy)
 
     with pytest.raises(HubPushError, match="connection failed"):
         push_folder(checkpoint_copy, REPO_ID, endpoint=refused_endpoint())
 
-    assert _digests(checkpoint_copy) == before
+    assert digests(checkpoint_copy) == before
 
 
 def test_successful_push_updates_only_the_local_card(checkpoint_copy, local_hub: LocalHub, hub_env: str):
-    before = _digests(checkpoint_copy)
+    before = digests(checkpoint_copy)
     push_folder(checkpoint_copy, REPO_ID, endpoint=local_hub.endpoint)
-    after = _digests(checkpoint_copy)
+    after = digests(checkpoint_copy)
     assert {name for name in before if before[name] != after[name]} == {"README.md"}
     uploaded = local_hub.repo(REPO_ID).files()["README.md"]
     assert (checkpoint_copy / "README.md").read_bytes() == uploaded  # the folder's card is the repo's

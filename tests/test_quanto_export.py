@@ -29,12 +29,13 @@ import logging
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, UNet2DModel
 from diffusers.models.attention_processor import Attention
+from helpers import SMALL_UNET_CONFIG, fp_pipeline
 from optimum.quanto import QConv2d, QLinear, qint8
 from torch import nn
 
-from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline
+from diffusers_gaq import quantize_pipeline
 from diffusers_gaq.models.attention import QuantAttnProcessor
 from diffusers_gaq.models.wrap import quant_layers, set_quant_state
 from diffusers_gaq.quant.layers import QuantLayer
@@ -47,17 +48,12 @@ from diffusers_gaq.quanto_export import (
     load_quanto,
     save_quanto,
 )
-from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
 
 torch.set_num_threads(1)
 
-# The smallest budget that runs every calibration stage (as in test_serialization.py). Uniform
-# sample weights: with quantize_attention=False the gradient-aligned meta step needs a double
-# backward through torch's CPU flash attention, which torch does not implement.
-TINY = dict(num_inference_steps=4, num_calibration_timesteps=2, samples_per_timestep=4, num_groups=2,
-            val_fraction=0.25, calibration_batch_size=8, recon_iters=1, recon_batch_size=8, meta_iters=1,
-            meta_batch_size=8)
-SMALL_UNET_CONFIG = dict(REFERENCE_UNET_CONFIG, layers_per_block=1)
+# Calibrated on helpers.TINY_BUDGET, the smallest budget that runs every stage. Uniform sample
+# weights: with quantize_attention=False the gradient-aligned meta step needs a double backward
+# through torch's CPU flash attention, which torch does not implement.
 # What quanto can express: symmetric int8 activations, one quantizer per input, plain attention.
 EXPRESSIBLE = dict(act_bits=8, act_symmetric=True, split_shortcut=False, quantize_attention=False, weighting="uniform")
 
@@ -76,13 +72,14 @@ LAYER_REL = 1e-5
 
 @pytest.fixture(scope="module")
 def fp_pipe() -> DDIMPipeline:
-    torch.manual_seed(0)
-    return DDIMPipeline(unet=UNet2DModel(**SMALL_UNET_CONFIG).eval(), scheduler=DDIMScheduler(**REFERENCE_SCHEDULER_CONFIG))
+    return fp_pipeline(SMALL_UNET_CONFIG)
 
 
 @pytest.fixture(scope="module")
-def quantized(fp_pipe) -> dict[str, DDIMPipeline]:
-    return {name: quantize_pipeline(fp_pipe, GradientAlignedQuantizer(**TINY | settings), progress=False)
+def quantized(fp_pipe, small_w4a8, tiny_quantizer) -> dict[str, DDIMPipeline]:
+    # "w4a8-default" is exactly conftest's shared small_w4a8 run (the same UNet and settings): reuse it.
+    return {name: small_w4a8[1] if name == "w4a8-default" else
+            quantize_pipeline(fp_pipe, tiny_quantizer(**settings), progress=False)
             for name, settings in VARIANTS.items()}
 
 

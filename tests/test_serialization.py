@@ -2,7 +2,8 @@
 and clear errors for folders that are not (or no longer) valid diffusers-gaq checkpoints.
 
 Everything is real: diffusers models with random weights, quantize_pipeline on a tiny budget,
-files on disk. Three models are built once for the module (about 20 s on one core).
+files on disk. Three models are built once for the module (about 20 s on one core; the W4A8 one is
+conftest's small_w4a8, shared with test_quanto_export.py).
 """
 
 from __future__ import annotations
@@ -15,47 +16,39 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import DDIMPipeline, DiffusionPipeline
+from helpers import SMALL_UNET_CONFIG, fp_pipeline
 from safetensors import safe_open
 
-from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline
+from diffusers_gaq import quantize_pipeline
 from diffusers_gaq.config import CONFIG_NAME
 from diffusers_gaq.modeling import QuantizedUNet2DModel
 from diffusers_gaq.quant.layers import QuantLayer
-from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
+from diffusers_gaq.reference.recipe import REFERENCE_UNET_CONFIG
 from diffusers_gaq.serialization import CODES_KEY, PACKED_SUFFIX, WEIGHTS_NAME, CheckpointError
 from diffusers_gaq.modeling import load_quantized, load_quantized_pipeline
 
 torch.set_num_threads(1)
 logger = logging.getLogger(__name__)
 
-# The smallest calibration budget that still runs every stage.
-TINY = dict(num_inference_steps=4, num_calibration_timesteps=2, samples_per_timestep=4, num_groups=2,
-            val_fraction=0.25, calibration_batch_size=8, recon_iters=1, recon_batch_size=8, meta_iters=1,
-            meta_batch_size=8)
-# One resnet per level instead of two: the same block types, fewer units to calibrate.
-SMALL_UNET_CONFIG = dict(REFERENCE_UNET_CONFIG, layers_per_block=1)
-
 VARIANTS = {
-    # name: (UNet config, quantizer settings)
+    # name: (UNet config, quantizer settings), each calibrated on helpers.TINY_BUDGET
     "w4a8-gradient-aligned": (SMALL_UNET_CONFIG, dict(weight_bits=4, act_bits=8)),
     "w8a8-minmax": (SMALL_UNET_CONFIG, dict(weight_bits=8, act_bits=8, method="minmax", weighting="uniform")),
     "w4-weight-only": (REFERENCE_UNET_CONFIG, dict(weight_bits=4, act_bits=None, method="minmax", weighting="uniform")),
 }
 
 
-def _fp_pipeline(unet_config) -> DDIMPipeline:
-    torch.manual_seed(0)
-    return DDIMPipeline(unet=UNet2DModel(**unet_config).eval(), scheduler=DDIMScheduler(**REFERENCE_SCHEDULER_CONFIG))
-
-
 @pytest.fixture(scope="module")
-def pipelines() -> dict[str, tuple[DDIMPipeline, DDIMPipeline]]:
+def pipelines(small_w4a8, tiny_quantizer) -> dict[str, tuple[DDIMPipeline, DDIMPipeline]]:
     """name -> (FP pipeline, quantized pipeline)."""
     built = {}
     for name, (unet_config, bits) in VARIANTS.items():
-        fp = _fp_pipeline(unet_config)
-        built[name] = (fp, quantize_pipeline(fp, GradientAlignedQuantizer(**bits, **TINY), progress=False))
+        if name == "w4a8-gradient-aligned":  # exactly conftest's shared small_w4a8 run: reuse it
+            built[name] = small_w4a8
+            continue
+        fp = fp_pipeline(unet_config)
+        built[name] = (fp, quantize_pipeline(fp, tiny_quantizer(**bits), progress=False))
     return built
 
 
@@ -186,6 +179,12 @@ def test_pipeline_save_and_reload(pipelines, tmp_path):
         assert type(pipe) is DDIMPipeline and type(pipe.unet) is QuantizedUNet2DModel, load.__name__
         assert torch.equal(_outputs(pipe.unet), _outputs(qpipe.unet)), load.__name__
         assert (pipe(generator=torch.Generator().manual_seed(0), **sample).images == expected).all(), load.__name__
+
+    # A pipeline saved before the restructuring names the class's old module; it still loads.
+    index["unet"] = ["diffusers_gaq.models.quantized", "QuantizedUNet2DModel"]
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(index))
+    old = DiffusionPipeline.from_pretrained(str(tmp_path / "pipe"))
+    assert type(old.unet) is QuantizedUNet2DModel and torch.equal(_outputs(old.unet), _outputs(qpipe.unet))
 
     # The model card's pipeline snippet runs as written, on this folder.
     card = (tmp_path / "pipe" / "unet" / "README.md").read_text()

@@ -19,34 +19,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline
+from diffusers_gaq import quantize_pipeline
 from diffusers_gaq.checkpoint_checks import DIGEST_FIELD, weights_digest
 from diffusers_gaq.config import CONFIG_NAME
 from diffusers_gaq.modeling import QuantizedUNet2DModel
-from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
-from diffusers_gaq.serialization import ACT_SCALES_KEY, ACT_ZEROS_KEY, REPORT_JSON, REPORT_TENSORS, WEIGHTS_NAME, WEIGHT_SCALES_KEY, WEIGHT_ZEROS_KEY, CheckpointError
+from diffusers_gaq.serialization import ACT_SCALES_KEY, ACT_ZEROS_KEY, REPORT_JSON, REPORT_TENSORS, WEIGHT_SCALES_KEY, WEIGHT_ZEROS_KEY, WEIGHTS_NAME, CheckpointError
 from diffusers_gaq.modeling import load_quantized
 
 torch.set_num_threads(1)
 
-TINY = dict(num_inference_steps=4, num_calibration_timesteps=2, samples_per_timestep=4, num_groups=2,
-            val_fraction=0.25, calibration_batch_size=8, recon_iters=1, recon_batch_size=8, meta_iters=1,
-            meta_batch_size=8)
-SMALL_UNET = dict(REFERENCE_UNET_CONFIG, sample_size=16, block_out_channels=(8, 16), layers_per_block=1,
-                  norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                  up_block_types=("AttnUpBlock2D", "UpBlock2D"))
 LAYER = "down_blocks.0.resnets.0.conv1"  # follows the global bits (conv_in / conv_out stay FP by default)
 
 
 @pytest.fixture(scope="module")
-def quantized() -> QuantizedUNet2DModel:
-    torch.manual_seed(0)
-    pipe = DDIMPipeline(unet=UNet2DModel(**SMALL_UNET).eval(), scheduler=DDIMScheduler(**REFERENCE_SCHEDULER_CONFIG))
-    return quantize_pipeline(pipe, GradientAlignedQuantizer(weight_bits=4, act_bits=8, **TINY), progress=False).unet
+def quantized(tiny_pipe, tiny_quantizer) -> QuantizedUNet2DModel:
+    """conftest's tiny_pipe (helpers.TINY_UNET_CONFIG) quantized W4A8 on the tiny budget."""
+    return quantize_pipeline(tiny_pipe, tiny_quantizer(weight_bits=4, act_bits=8), progress=False).unet
 
 
 @pytest.fixture(scope="module")

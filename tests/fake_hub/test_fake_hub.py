@@ -1,4 +1,4 @@
-"""The real huggingface_hub client, unmodified, against tests/hub_server.LocalHub."""
+"""The real huggingface_hub client, unmodified, against tests/fake_hub/server.LocalHub."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
 )
 
-from hub_fixtures import FAKE_TOKEN, hub_env, local_hub, no_retry_sleep  # noqa: F401
-from hub_server import LocalHub, refused_endpoint
+from fake_hub.fixtures import FAKE_TOKEN
+from fake_hub.server import LocalHub, refused_endpoint
 
 REPO_ID = "test-user/tiny-model"
 
@@ -173,7 +173,7 @@ def test_fail_all_raises_http_500(local_hub: LocalHub, tmp_path: Path, no_retry_
 
 
 def test_refused_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_retry_sleep: list[float]) -> None:
-    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)  # as hub_fixtures.local_hub does
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)  # as fake_hub.fixtures.local_hub does
     endpoint = refused_endpoint()
     api = HfApi(endpoint=endpoint, token=FAKE_TOKEN)
     # The client is built on httpx2: a refused connection raises httpx2.ConnectError (not

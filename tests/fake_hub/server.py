@@ -24,7 +24,7 @@ What is real: the ``huggingface_hub`` client, unmodified, talking HTTP to this s
 (``HfApi(endpoint=hub.endpoint)``, ``hf_hub_download(..., endpoint=hub.endpoint)``).
 One client switch matters: with ``hf_xet`` installed the client uploads through the Xet
 storage protocol, which this server does not implement, so tests must make
-``huggingface_hub.constants.HF_HUB_DISABLE_XET`` true (the fixtures in ``hub_fixtures``
+``huggingface_hub.constants.HF_HUB_DISABLE_XET`` true (the fixtures in ``fake_hub.fixtures``
 do) so that uploads take the git-LFS path.
 
 Failure modes: set ``hub.fail_all = True`` and every request answers HTTP 500;

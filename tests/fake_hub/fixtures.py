@@ -1,8 +1,6 @@
-"""Pytest fixtures that run a ``LocalHub`` (tests/hub_server.py) for one test.
+"""Pytest fixtures that run a ``LocalHub`` (tests/fake_hub/server.py) for one test.
 
-Use them from a test module with::
-
-    from hub_fixtures import local_hub, hub_env  # noqa: F401
+tests/conftest.py imports them, so every test module can simply ask for them by name.
 
 * ``local_hub`` yields a started ``LocalHub`` and stops it after the test. It redirects
   nothing: pass ``endpoint=local_hub.endpoint`` to ``HfApi`` / ``hf_hub_download`` /
@@ -40,7 +38,7 @@ import huggingface_hub.utils._http as hf_http
 import pytest
 from huggingface_hub.utils import close_session
 
-from hub_server import LocalHub
+from fake_hub.server import LocalHub
 
 FAKE_TOKEN = "hf_test_token"
 
