@@ -27,7 +27,7 @@ from diffusers_gaq.config import CONFIG_NAME
 from diffusers_gaq.hub import build_model_card
 from diffusers_gaq.models import family_for
 from diffusers_gaq.models.attention import QuantAttnProcessor
-from diffusers_gaq.models.wrap import check_layer_patterns, quant_layers, wrap_model
+from diffusers_gaq.models.wrap import check_layer_patterns, wrap_model
 from diffusers_gaq.quant.layers import QuantLayer
 from diffusers_gaq.quanto_export import export_to_quanto
 from diffusers_gaq.serialization import CODES_KEY, WEIGHTS_NAME
