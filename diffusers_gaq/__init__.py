@@ -6,6 +6,10 @@ from .models.quantized import (QuantizedDiTTransformer2DModel, QuantizedTransfor
 from .pipeline import quantize_pipeline
 from .pipelines import ClassConditionalDDIMPipeline
 from .sensitivity import analyze_sensitivity
+from .diffusers_registry import register as _register_with_diffusers
+
+# `UNet2DModel.from_pretrained(quantized folder)` then returns the quantized model (diffusers_registry.py).
+_register_with_diffusers()
 
 __version__ = "0.1.0"
 

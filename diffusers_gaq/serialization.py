@@ -24,6 +24,7 @@ import torch
 
 from . import checkpoint_checks as checks
 from .config import CONFIG_NAME, FP_TAG, GradientAlignedQuantizer, precision_tag, sorted_fields
+from .diffusers_registry import config_json_entry
 from .quant.layers import QuantLayer
 from .quant.quantizers import ActQuantizer
 from .quant.packing import pack_bits, packed_nbytes, unpack_bits
@@ -301,6 +302,8 @@ def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool 
         base = _base_class(model)
         cfg = dict(model.config)
         cfg["_class_name"] = base.__name__
+        # Makes `<Base>.from_pretrained(folder)` load the quantized model, or refuse: never FP-looking weights.
+        cfg["quantization_config"] = config_json_entry(base.__name__)
         atomic_write_text(tmp / MODEL_CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True, default=list) + "\n")
         wrap = model.gaq_wrap
         qcfg = {
