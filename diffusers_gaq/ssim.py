@@ -39,7 +39,7 @@ def ssim_per_image(reference: np.ndarray, images: np.ndarray) -> np.ndarray:
     """SSIM of each pair; both arrays float [N, H, W, C] in [0, 1] (evaluation.images_to_array)."""
     if reference.shape != images.shape:
         raise ValueError(f"paired images must have the same shape: {reference.shape} vs {images.shape}")
-    n, h, w, c = reference.shape
+    _, h, w, c = reference.shape
     size, sigma = window_for(h, w)
     kernel = _window(size, sigma).expand(c, 1, size, size).contiguous()
     x = torch.from_numpy(np.ascontiguousarray(reference.transpose(0, 3, 1, 2))).double()
