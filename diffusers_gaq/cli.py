@@ -46,6 +46,10 @@ def load_pipeline(model: str):
         from .reference import load_reference_pipeline
 
         return load_reference_pipeline()
+    if Path(model).is_dir():  # also finds diffusers_gaq's own pipeline classes (ClassConditionalDDIMPipeline)
+        from .serialization import load_quantized_pipeline
+
+        return load_quantized_pipeline(model)
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(model)

@@ -51,11 +51,11 @@ class _Method(str):
         return str(self)
 
 
-def _loader_error(what: str, base_class: str = "<Class>") -> ValueError:
-    return ValueError(f"{what}; load a diffusers-gaq checkpoint with diffusers_gaq's own call instead: "
-                      f"Quantized{base_class}.from_pretrained(path_or_repo_id) (from diffusers_gaq.models.quantized), "
-                      "diffusers_gaq.serialization.load_quantized(path_or_repo_id), or for a whole pipeline "
-                      "DiffusionPipeline.from_pretrained(folder) after `import diffusers_gaq`")
+def _loader_error(what: str, load_with: str | None) -> ValueError:
+    call = load_with or "import diffusers_gaq; Quantized<Class>.from_pretrained(path)"
+    return ValueError(f"{what}; load this diffusers-gaq checkpoint with diffusers_gaq's own call instead: {call} "
+                      "(from diffusers_gaq.models.quantized; or diffusers_gaq.serialization.load_quantized(path), or "
+                      "DiffusionPipeline.from_pretrained(pipeline_folder) after `import diffusers_gaq`)")
 
 
 def register() -> None:
@@ -89,9 +89,11 @@ def register() -> None:
             import torch
 
             if device_map is not None:
-                raise _loader_error(f"device_map={device_map!r} is not supported for a diffusers-gaq checkpoint")
+                raise _loader_error(f"device_map={device_map!r} is not supported for a diffusers-gaq checkpoint",
+                                    self.quantization_config.load_with)
             if torch_dtype is not None and torch_dtype != torch.float32:
-                raise _loader_error(f"torch_dtype={torch_dtype} is not supported (quantized models compute in float32)")
+                raise _loader_error(f"torch_dtype={torch_dtype} is not supported (quantized models compute in float32)",
+                                    self.quantization_config.load_with)
 
         def update_torch_dtype(self, torch_dtype):
             return torch_dtype
@@ -101,19 +103,20 @@ def register() -> None:
 
             files = [Path(f) for f in checkpoint_files if isinstance(f, (str, Path))]
             if len(files) != 1:
-                raise _loader_error(f"a sharded or in-memory checkpoint ({len(checkpoint_files)} files) cannot be read here")
+                raise _loader_error(f"a sharded or in-memory checkpoint ({len(checkpoint_files)} files) cannot be read "
+                                    "here", self.quantization_config.load_with)
             folder = files[0].parent
             if not (folder / CONFIG_NAME).is_file():
                 raise _loader_error(f"{folder} has no {CONFIG_NAME} next to the weights (diffusers fetches only "
-                                    "config.json and the weights from the Hub)")
+                                    "config.json and the weights from the Hub)", self.quantization_config.load_with)
             self._loaded = load_quantized(folder)
             return list(self._loaded.state_dict().keys())
 
         def _process_model_before_weight_loading(self, model, **kwargs):
             loaded = self._loaded
             if not isinstance(loaded, type(model)):
-                raise _loader_error(f"the checkpoint holds a {type(loaded).__mro__[1].__name__}, not a "
-                                    f"{type(model).__name__}", type(loaded).__mro__[1].__name__)
+                raise _loader_error(f"the checkpoint holds a {type(loaded).__mro__[2].__name__}, not a "
+                                    f"{type(model).__name__}", self.quantization_config.load_with)
             # Become the loaded model: the same modules, tensors and quantization state in the
             # instance diffusers returns. Its class is Quantized<Class>, a subclass of type(model).
             model.__class__ = type(loaded)
