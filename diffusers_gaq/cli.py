@@ -379,8 +379,8 @@ def cmd_demo(args) -> int:
     print()
     print(result.comparison.to_markdown(), end="")
     if args.num_images < 1000:
-        print(f"FID-ref over {args.num_images} images reads higher than over 1000 (fewer samples): compare the "
-              "two rows with each other, not with docs/benchmarks.md.")
+        print(f"FID-ref over {args.num_images} images and {args.num_inference_steps} steps: compare the two rows with "
+              "each other, not with the 1000-image, 50-step numbers of docs/benchmarks.md.")
     if args.budget == "quick":
         print(f"This was the 'quick' budget; {LONGER_RUN}.")
     print(f"wrote {out / 'fp_vs_quantized.png'} (left FP, right {config.tag.upper()}, the same noise in the same cell), "
