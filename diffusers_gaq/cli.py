@@ -413,6 +413,7 @@ def cmd_sensitivity(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import QUICK_NUM_IMAGES, QUICK_STEPS
     parser = argparse.ArgumentParser(prog="diffusers-gaq", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -514,8 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--budget", choices=["quick", *sorted(BUDGETS)], default="quick",
                    help="quick (default: about 3 minutes on 2 CPU cores) or a calibration preset; demo is the "
                         "documented budget of docs/benchmarks.md")
-    d.add_argument("--num-images", type=int, default=64, help="FP and quantized images each (default 64)")
-    d.add_argument("--num-inference-steps", type=int, default=20, help="DDIM steps per image (default 20)")
+    d.add_argument("--num-images", type=int, default=QUICK_NUM_IMAGES,
+                   help=f"FP and quantized images each (default {QUICK_NUM_IMAGES})")
+    d.add_argument("--num-inference-steps", type=int, default=QUICK_STEPS,
+                   help=f"DDIM steps per image (default {QUICK_STEPS})")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
 
