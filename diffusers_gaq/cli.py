@@ -374,6 +374,8 @@ def cmd_demo(args) -> int:
     _check_replaceable(out / "pipeline", REFERENCE)
     config = GradientAlignedQuantizer(weight_bits=args.weight_bits, act_bits=_act_bits(args.act_bits),
                                       **budget_for(args.budget))
+    if not args.verbose:  # the demo prints its steps and progress bars; per-unit log lines would bury them
+        logging.getLogger("diffusers_gaq").setLevel(logging.WARNING)
     result = run_demo(out, config, budget_name=args.budget, num_images=args.num_images,
                       num_inference_steps=args.num_inference_steps, progress=not args.quiet, say=print)
     print()
