@@ -8,15 +8,19 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 .PHONY: setup demo test test-fast quality reference benchmark clean
 
 setup: $(STAMP)
+	@echo "set-up: $(VENV) is ready"
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || (echo "set-up: creating the virtual environment $(VENV)" && $(PYTHON) -m venv $(VENV))
 	@# torch first, the CPU build on disk; the constraints file keeps it from being replaced.
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	@$(PY) -c "import torch" 2>/dev/null || (echo "set-up: installing torch 2.13.0 (CPU build)" && \
+		$(PY) -m pip install -q torch==2.13.0)
+	@echo "set-up: installing diffusers-gaq and its dependencies (diffusers, transformers, ...) pinned by constraints.txt"
+	@$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	@touch $@
 
 demo: setup
+	@echo "demo: W4A8 quantization of the embedded reference pipeline, budget 'quick' (about 3 minutes on 2 CPU cores)"
 	$(PY) -m diffusers_gaq.cli demo --output out/demo
 
 test: setup

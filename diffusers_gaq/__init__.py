@@ -6,6 +6,7 @@ from . import modeling
 from ._version import __version__
 from .class_conditional_pipeline import ClassConditionalDDIMPipeline
 from .config import GradientAlignedQuantizer
+from .diffusers_registry import register as _register_with_diffusers
 from .modeling import (
                        QuantizedDiTTransformer2DModel,
                        QuantizedTransformer2DModel,
@@ -19,6 +20,10 @@ from .sensitivity import analyze_sensitivity
 # ["diffusers_gaq.models.quantized", ...]; diffusers' loader imports that module name.
 sys.modules.setdefault(f"{__name__}.models.quantized", modeling)
 
+# `UNet2DModel.from_pretrained(quantized folder)` then returns the quantized model (diffusers_registry.py).
+_register_with_diffusers()
+
 __all__ = ["ClassConditionalDDIMPipeline", "GradientAlignedQuantizer", "QuantizedDiTTransformer2DModel",
            "QuantizedTransformer2DModel", "QuantizedUNet2DConditionModel", "QuantizedUNet2DModel", "analyze_sensitivity",
            "quantize_pipeline", "__version__"]
+

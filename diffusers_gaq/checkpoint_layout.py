@@ -14,3 +14,14 @@ PACKED_SUFFIX = ".weight_packed"
 
 class CheckpointError(ValueError):
     """A folder is not a readable diffusers-gaq checkpoint; the message names the file and the problem."""
+
+
+# config.json's "quantization_config" names this method, so that diffusers' own from_pretrained routes a
+# quantized folder to diffusers_registry.py (after `import diffusers_gaq`) or refuses it: never FP-looking weights.
+QUANT_METHOD = "diffusers_gaq"
+
+
+def config_json_entry(base_class: str) -> dict:
+    """config.json's ``quantization_config``: enough for diffusers to route the load here (or refuse it);
+    the full description stays in quantization_config.json."""
+    return {"quant_method": QUANT_METHOD, "load_with": f"import diffusers_gaq; Quantized{base_class}.from_pretrained(path)"}

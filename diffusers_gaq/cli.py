@@ -19,19 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-logger = logging.getLogger("diffusers_gaq")
+from .config import BUDGETS
 
-# Calibration budgets by name: "demo" finishes in minutes on 2 CPU cores, "paper" is Q-Diffusion's scale.
-BUDGETS = {
-    "tiny": dict(num_inference_steps=10, num_calibration_timesteps=5, samples_per_timestep=8, recon_iters=5,
-                 recon_batch_size=8, meta_iters=1, meta_batch_size=8, val_fraction=0.2),
-    "demo": dict(num_inference_steps=50, num_calibration_timesteps=10, samples_per_timestep=24, recon_iters=160,
-                 recon_batch_size=32, meta_iters=8, meta_batch_size=32, weight_lr=0.1),
-    "default": {},
-    # Q-Diffusion's scale and AdaRound learning rate (docs/benchmarks.md: reconstruction curve).
-    "paper": dict(num_inference_steps=100, num_calibration_timesteps=20, samples_per_timestep=256, recon_iters=20000,
-                  recon_batch_size=32, meta_iters=2000, weight_lr=1e-3),
-}
+logger = logging.getLogger("diffusers_gaq")
 
 REFERENCE = "reference"
 
@@ -46,6 +36,10 @@ def load_pipeline(model: str):
         from .reference import load_reference_pipeline
 
         return load_reference_pipeline()
+    if Path(model).is_dir():  # also finds diffusers_gaq's own pipeline classes (ClassConditionalDDIMPipeline)
+        from .modeling import load_quantized_pipeline
+
+        return load_quantized_pipeline(model)
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(model)
@@ -221,16 +215,12 @@ def _denoiser(pipe):
     return denoiser_of(pipe)[2]
 
 
-def _load_pair(directory: str, baseline: str | None):
-    from .modeling import load_quantized_pipeline
-
-    qpipe = load_quantized_pipeline(directory)
+def _base_id(model) -> str:
+    """The FP pipeline a quantized denoiser was made from, as load_pipeline takes it."""
     from .reference import PIPELINE_DIR
 
-    base_id = baseline or getattr(_denoiser(qpipe), "gaq_base_model", None) or REFERENCE
-    if Path(base_id).resolve() == PIPELINE_DIR.resolve():
-        base_id = REFERENCE
-    return qpipe, load_pipeline(base_id), base_id
+    base_id = getattr(model, "gaq_base_model", None) or REFERENCE
+    return REFERENCE if Path(base_id).resolve() == PIPELINE_DIR.resolve() else base_id
 
 
 def _save_png(image, path: Path) -> None:
@@ -241,28 +231,46 @@ def _save_png(image, path: Path) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import compare, image_grid
-    from .files import atomic_write_text
+    """Every quantized folder against one FP pipeline, from the same noise: one table, one grid."""
+    from .evaluation_report import compare_pipelines
+    from .evaluation_sampling import SamplingPlan
+    from .folders import quantized_model_dir
+    from .modeling import load_quantized_pipeline
+    from .serialization import WEIGHTS_NAME
 
-    directory = Path(args.directory)
+    directories = [Path(d) for d in args.directory]
+    if len(directories) > 1 and not args.report:
+        raise CLIError(f"{len(directories)} folders give one comparison: pass --report FOLDER for its table and grid")
     if args.baseline:
         _check_model_id(args.baseline)
-    qpipe, fp_pipe, base_id = _load_pair(str(directory), args.baseline)
-    result = compare(fp_pipe, qpipe, args.num_images, args.num_inference_steps, args.seed, fid=base_id == REFERENCE)
-    images = result.pop("images")
-    report_dir = Path(args.report or directory / "evaluation")
-    report_dir.mkdir(parents=True, exist_ok=True)
-    _save_png(image_grid(images["fp"][:64], nrow=8), report_dir / "samples_fp.png")
-    _save_png(image_grid(images["quantized"][:64], nrow=8), report_dir / "samples_quantized.png")
-    result["baseline"] = base_id
-    atomic_write_text(report_dir / "evaluation.json", json.dumps(result, indent=2) + "\n")
-    _print_table([("FP", result.get("fid_ref_fp"), None, result["fp_sampling_seconds"]),
-                  (_denoiser(qpipe).gaq_config.tag, result.get("fid_ref_quantized"), result["psnr_db"],
-                   result["quantized_sampling_seconds"])])
+    quantized, sizes, calibration, bases = {}, {}, {}, {}
+    for directory in directories:
+        name = directory.name if [d.name for d in directories].count(directory.name) == 1 else str(directory)
+        qpipe = quantized[name] = load_quantized_pipeline(str(directory))
+        model_dir = quantized_model_dir(directory)
+        sizes[name] = (model_dir / WEIGHTS_NAME).stat().st_size / 2**20
+        report = model_dir / "calibration_report.json"
+        if report.is_file():
+            summary = json.loads(report.read_text())
+            calibration[name] = summary.get("calibration_seconds", 0.0) + summary.get("data_seconds", 0.0)
+        bases[name] = _base_id(_denoiser(qpipe))
+    if not args.baseline and len(set(bases.values())) > 1:
+        raise CLIError(f"the folders come from different base models ({', '.join(f'{k}: {v}' for k, v in bases.items())}); "
+                       "compare folders of one model, or name the FP pipeline with --baseline")
+    base_id = args.baseline or next(iter(bases.values()))
+    plan = SamplingPlan(num_images=args.num_images, num_inference_steps=args.num_inference_steps, seed=args.seed,
+                        class_labels=args.class_labels or [], prompts=args.prompt or [],
+                        guidance_scale=args.guidance_scale)
+    result = compare_pipelines(load_pipeline(base_id), quantized, plan, baseline=base_id, fid=base_id == REFERENCE,
+                               weights_mib=sizes, calibration_seconds=calibration, progress=not args.quiet)
+    report_dir = Path(args.report or directories[0] / "evaluation")
+    result.write(report_dir)
+    print(result.to_markdown(), end="")
     if args.update_card:
-        _denoiser(qpipe).gaq_evaluation = result
-        _update_card(qpipe, directory)
-    print(f"report: {report_dir}")
+        for (name, qpipe), directory, row in zip(quantized.items(), directories, result.rows):
+            _denoiser(qpipe).gaq_evaluation = result.card_entry(row)
+            _update_card(qpipe, directory)
+    print(f"report: {report_dir} (evaluation.md, evaluation.json, comparison.png: one row per model, FP first)")
     return 0
 
 
@@ -342,50 +350,29 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _print_table(rows) -> None:
-    print(f"{'model':<10} {'FID-ref':>9} {'PSNR dB':>9} {'sampling s':>11}")
-    for name, fid, psnr, seconds in rows:
-        fid_s = f"{fid:9.3f}" if fid is not None else f"{'-':>9}"
-        psnr_s = f"{psnr:9.2f}" if psnr is not None else f"{'-':>9}"
-        print(f"{name:<10} {fid_s} {psnr_s} {seconds:11.1f}")
-
-
 def cmd_demo(args) -> int:
-    """Quantize the reference pipeline (W4A8, demo budget), compare with FP, write the grids."""
-    from PIL import Image
-
+    """Quantize the reference pipeline (W4A8, gradient-aligned), compare with FP, write the picture and table."""
     from .config import GradientAlignedQuantizer
-    from .evaluation import compare, image_grid
-    from .files import atomic_write_text
-    from .modeling import save_quantized_pipeline
-    from .quantize import quantize_pipeline
-    from .reference import load_reference_pipeline
+    from .demo import LONGER_RUN, budget_for, run_demo
 
     out = Path(args.output)
     _check_output(out, overwrite=True)  # its files are replaced; other files in the folder stay
     _check_replaceable(out / "pipeline", REFERENCE)
     config = GradientAlignedQuantizer(weight_bits=args.weight_bits, act_bits=_act_bits(args.act_bits),
-                                      **BUDGETS[args.budget])
-    out.mkdir(parents=True, exist_ok=True)
-    pipe = load_reference_pipeline()
-    print(f"reference pipeline: UNet2DModel, {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.2f}M parameters")
-    start = time.perf_counter()
-    qpipe = quantize_pipeline(pipe, config, progress=not args.quiet)
-    calib = time.perf_counter() - start
-    print(f"calibrated {config.tag} ({config.weighting}) in {calib:.0f}s")
-    result = compare(pipe, qpipe, args.num_images, args.num_inference_steps, seed=0)
-    images = result.pop("images")
-    _print_table([("FP", result["fid_ref_fp"], None, result["fp_sampling_seconds"]),
-                  (config.tag, result["fid_ref_quantized"], result["psnr_db"], result["quantized_sampling_seconds"])])
-    fp_grid, q_grid = image_grid(images["fp"][:64], 8), image_grid(images["quantized"][:64], 8)
-    side = Image.new("L", (fp_grid.width * 2 + 8, fp_grid.height), 255)
-    side.paste(fp_grid, (0, 0))
-    side.paste(q_grid, (fp_grid.width + 8, 0))
-    _save_png(side, out / "fp_vs_quantized.png")
-    qpipe.unet.gaq_evaluation = result
-    save_quantized_pipeline(qpipe, out / "pipeline", overwrite=True)
-    atomic_write_text(out / "demo.json", json.dumps({"calibration_seconds": calib, **result}, indent=2) + "\n")
-    print(f"wrote {out / 'fp_vs_quantized.png'} (left FP, right {config.tag}) and the checkpoint {out / 'pipeline'}")
+                                      **budget_for(args.budget))
+    if not args.verbose:  # the demo prints its steps and progress bars; per-unit log lines would bury them
+        logging.getLogger("diffusers_gaq").setLevel(logging.WARNING)
+    result = run_demo(out, config, budget_name=args.budget, num_images=args.num_images,
+                      num_inference_steps=args.num_inference_steps, progress=not args.quiet, say=print)
+    print()
+    print(result.comparison.to_markdown(), end="")
+    if args.num_images < 1000:
+        print(f"FID-ref over {args.num_images} images and {args.num_inference_steps} steps: compare the two rows with "
+              "each other, not with the 1000-image, 50-step numbers of docs/benchmarks.md.")
+    if args.budget == "quick":
+        print(f"This was the 'quick' budget; {LONGER_RUN}.")
+    print(f"wrote {out / 'fp_vs_quantized.png'} (left FP, right {config.tag.upper()}, the same noise in the same cell), "
+          f"{out / 'evaluation.md'} and the checkpoint {out / 'pipeline'}; demo took {result.total_seconds:.0f} s")
     return 0
 
 
@@ -414,6 +401,7 @@ def cmd_sensitivity(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import QUICK_NUM_IMAGES, QUICK_STEPS
     parser = argparse.ArgumentParser(prog="diffusers-gaq", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -469,14 +457,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("evaluate", help="fidelity of a quantized pipeline against its FP baseline")
-    e.add_argument("directory")
+    e = sub.add_parser("evaluate", help="fidelity of quantized pipelines against their FP baseline (any supported "
+                       "pipeline: PSNR, SSIM, FID-ref for the reference, seconds per image, size)")
+    e.add_argument("directory", nargs="+", help="one or more quantized pipeline folders of the same base model")
     e.add_argument("--baseline", help="FP pipeline: 'reference', a folder or a Hub id (default: the base model)")
     e.add_argument("--num-images", type=int, default=256)
     e.add_argument("--num-inference-steps", type=int, default=50)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--report", help="report folder (default DIRECTORY/evaluation)")
-    e.add_argument("--update-card", action="store_true", help="write the measured fidelity into the model card")
+    e.add_argument("--class-labels", type=int, nargs="+", metavar="LABEL",
+                   help="class-conditional and DiT pipelines: labels to sample, cycled (default: spread over every class)")
+    e.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="Stable Diffusion: a prompt to sample, repeat for several, cycled (default: a built-in "
+                        "held-out list)")
+    e.add_argument("--guidance-scale", type=float, help="DiT / Stable Diffusion (default: the pipeline's own)")
+    e.add_argument("--report", help="report folder (default DIRECTORY/evaluation; required for several folders)")
+    e.add_argument("--update-card", action="store_true", help="write the measured fidelity into each model card")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("push", help="upload a quantized pipeline folder to the Hub")
@@ -504,9 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", default="out/demo")
     d.add_argument("--weight-bits", type=int, default=4)
     d.add_argument("--act-bits", type=int, default=8)
-    d.add_argument("--budget", choices=sorted(BUDGETS), default="demo")
-    d.add_argument("--num-images", type=int, default=256)
-    d.add_argument("--num-inference-steps", type=int, default=50)
+    d.add_argument("--budget", choices=["quick", *sorted(BUDGETS)], default="quick",
+                   help="quick (default: about 3 minutes on 2 CPU cores) or a calibration preset; demo is the "
+                        "documented budget of docs/benchmarks.md")
+    d.add_argument("--num-images", type=int, default=QUICK_NUM_IMAGES,
+                   help=f"FP and quantized images each (default {QUICK_NUM_IMAGES})")
+    d.add_argument("--num-inference-steps", type=int, default=QUICK_STEPS,
+                   help=f"DDIM steps per image (default {QUICK_STEPS})")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
 

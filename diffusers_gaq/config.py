@@ -61,6 +61,20 @@ _CHOICES = {
 }
 
 
+# Calibration budgets by name (GradientAlignedQuantizer.from_budget, the CLI's --budget): "tiny" for tests,
+# "demo" finishes in minutes on 2 CPU cores, "default" is the dataclass defaults, "paper" is Q-Diffusion's scale.
+BUDGETS = {
+    "tiny": dict(num_inference_steps=10, num_calibration_timesteps=5, samples_per_timestep=8, recon_iters=5,
+                 recon_batch_size=8, meta_iters=1, meta_batch_size=8, val_fraction=0.2),
+    "demo": dict(num_inference_steps=50, num_calibration_timesteps=10, samples_per_timestep=24, recon_iters=160,
+                 recon_batch_size=32, meta_iters=8, meta_batch_size=32, weight_lr=0.1),
+    "default": {},
+    # Q-Diffusion's scale and AdaRound learning rate (docs/benchmarks.md: reconstruction curve).
+    "paper": dict(num_inference_steps=100, num_calibration_timesteps=20, samples_per_timestep=256, recon_iters=20000,
+                  recon_batch_size=32, meta_iters=2000, weight_lr=1e-3),
+}
+
+
 @dataclass
 class GradientAlignedQuantizer:
     """Configuration of post-training quantization with gradient-aligned calibration.
@@ -144,7 +158,7 @@ class GradientAlignedQuantizer:
     recon_iters: int = 200
     recon_batch_size: int = 32
     # Adam moves AdaRound's V by about weight_lr per step and V must reach about +-2.4 to harden, so
-    # short runs need large rates (the presets in cli.BUDGETS scale it with recon_iters).
+    # short runs need large rates (the presets in BUDGETS scale it with recon_iters).
     weight_lr: float = 5e-2
     act_lr: float = 1e-3
     round_reg_weight: float = 0.01
@@ -362,6 +376,14 @@ class GradientAlignedQuantizer:
 
     def to_json_file(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, self.to_json_string())
+
+    @classmethod
+    def from_budget(cls, name: str, **fields) -> "GradientAlignedQuantizer":
+        """The config of the calibration budget ``name`` (BUDGETS: tiny, demo, default, paper), with
+        ``fields`` set on top (``from_budget("demo", weight_bits=4, act_bits=8)``)."""
+        if name not in BUDGETS:
+            raise ValueError(f"unknown budget {name!r}; choose one of {', '.join(BUDGETS)}")
+        return cls(**{**BUDGETS[name], **fields})
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "GradientAlignedQuantizer":

@@ -33,6 +33,7 @@ from .checkpoint_layout import (
     REPORT_TENSORS,
     WEIGHTS_NAME,
     CheckpointError,
+    config_json_entry,
 )
 from .config import CONFIG_NAME, GradientAlignedQuantizer, sorted_fields
 from .files import atomic_save_safetensors, atomic_write_text
@@ -199,6 +200,8 @@ def write_quantized_files(model, folder: Path, *, config: GradientAlignedQuantiz
     cfg = dict(model.config)
     base = _base_class(model)
     cfg["_class_name"] = base.__name__
+    # Makes `<Base>.from_pretrained(folder)` load the quantized model, or refuse: never FP-looking weights.
+    cfg["quantization_config"] = config_json_entry(base.__name__)
     atomic_write_text(folder / MODEL_CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True, default=list) + "\n")
     qcfg = {
         "quant_method": "gaq",

@@ -30,7 +30,7 @@ from pathlib import Path
 logger = logging.getLogger("benchmark_distributed")
 
 def budgets() -> dict:
-    from diffusers_gaq.cli import BUDGETS
+    from diffusers_gaq.config import BUDGETS
 
     return {
         # The test budget of tests/test_distributed.py: seconds, dominated by per-unit overhead (odd

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline  # noqa: E402
-from diffusers_gaq.cli import BUDGETS  # noqa: E402
+from diffusers_gaq.config import BUDGETS  # noqa: E402
 from diffusers_gaq.evaluation import fid_reference, generate, sample_psnr  # noqa: E402
 from diffusers_gaq.reference import load_reference_pipeline  # noqa: E402
 from diffusers_gaq.runtime import PeakRSS  # noqa: E402

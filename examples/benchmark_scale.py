@@ -120,7 +120,13 @@ def time_unit(model, family, name, unit, data, config, iters: int, meta_iters: i
     import torch
 
     from diffusers_gaq.calibration.capture import capture_unit
-    from diffusers_gaq.calibration.reconstruction import UnitProblem, harden, init_quantizers, reconstruct, start_rounding
+    from diffusers_gaq.calibration.reconstruction import (
+        UnitProblem,
+        harden,
+        init_quantizers,
+        reconstruct,
+        start_rounding,
+    )
     from diffusers_gaq.calibration.weighting import learn_scores
     from diffusers_gaq.models.wrap import set_quant_state
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline  # noqa: E402
 from diffusers_gaq.calibration.diagnostics import mean_off_diagonal  # noqa: E402
-from diffusers_gaq.cli import BUDGETS  # noqa: E402
+from diffusers_gaq.config import BUDGETS  # noqa: E402
 from diffusers_gaq.plots import plot_conflict, plot_sample_weights  # noqa: E402
 from diffusers_gaq.reference import load_reference_pipeline  # noqa: E402
 

@@ -12,7 +12,7 @@ from diffusers import DDIMPipeline, DiffusionPipeline
 
 import diffusers_gaq  # noqa: F401  (makes QuantizedUNet2DModel known to diffusers' pipeline loader)
 from diffusers_gaq import GradientAlignedQuantizer, QuantizedUNet2DModel, quantize_pipeline
-from diffusers_gaq.cli import BUDGETS
+from diffusers_gaq.config import BUDGETS
 from diffusers_gaq.reference import load_reference_pipeline
 
 budget = BUDGETS[os.environ.get("GAQ_BUDGET", "default")]

@@ -27,9 +27,8 @@ sys.path.insert(0, str(ROOT))
 from diffusers_gaq import GradientAlignedQuantizer  # noqa: E402
 from diffusers_gaq.calibration.capture import capture_unit  # noqa: E402
 from diffusers_gaq.calibration.data import collect_calibration_data  # noqa: E402
-from diffusers_gaq.calibration.reconstruction import (  # noqa: E402
-    UnitProblem, harden, init_quantizers, reconstruct, start_rounding)
-from diffusers_gaq.cli import BUDGETS  # noqa: E402
+from diffusers_gaq.calibration.reconstruction import UnitProblem, harden, init_quantizers, reconstruct, start_rounding  # noqa: E402
+from diffusers_gaq.config import BUDGETS  # noqa: E402
 from diffusers_gaq.models import family_for  # noqa: E402
 from diffusers_gaq.models.wrap import reconstruction_units, set_quant_state, wrap_model  # noqa: E402
 from diffusers_gaq.reference import load_reference_pipeline  # noqa: E402

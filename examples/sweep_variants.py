@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline  # noqa: E402
 from diffusers_gaq.calibration.data import collect_calibration_data  # noqa: E402
-from diffusers_gaq.cli import BUDGETS  # noqa: E402
+from diffusers_gaq.config import BUDGETS  # noqa: E402
 from diffusers_gaq.evaluation import generate, sample_psnr  # noqa: E402
 from diffusers_gaq.models import family_for  # noqa: E402
 from diffusers_gaq.reference import load_reference_pipeline  # noqa: E402

@@ -53,8 +53,10 @@ def test_evaluate_writes_a_report(quantized, tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "evaluation.json").read_text())
     assert report["baseline"] == "reference"
-    assert report["psnr_db"] > 5 and report["fid_ref_quantized"] > 0
-    assert (tmp_path / "samples_quantized.png").is_file()
+    row = report["models"][0]
+    assert row["name"] == quantized.name and row["psnr_db"] > 5 and 0 < row["ssim"] <= 1
+    assert row["fid_ref"] > 0 and report["fp"]["fid_ref"] > 0  # the reference pipeline defines FID-ref
+    assert (tmp_path / "comparison.png").is_file() and "| FP |" in r.stdout
 
 
 def test_non_empty_output_is_refused_before_any_work(tmp_path):

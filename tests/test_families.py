@@ -19,20 +19,30 @@ import string
 import numpy as np
 import pytest
 import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMPipeline,
+    DDIMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    LDMPipeline,
+    StableDiffusionPipeline,
+    Transformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+    VQModel,
+)
 from torch import nn
 
-from diffusers import (AutoencoderKL, DDIMPipeline, DDIMScheduler, DiTPipeline, DiTTransformer2DModel, LDMPipeline,
-                       StableDiffusionPipeline, Transformer2DModel, UNet2DConditionModel, UNet2DModel, VQModel)
 from diffusers_gaq import ClassConditionalDDIMPipeline, GradientAlignedQuantizer, quantize_pipeline
 from diffusers_gaq.calibration.capture import capture_unit
 from diffusers_gaq.calibration.data import collect_calibration_data
-from diffusers_gaq.cli import BUDGETS
+from diffusers_gaq.config import BUDGETS
+from diffusers_gaq.modeling import QuantizedModelMixin, load_quantized, load_quantized_pipeline, save_quantized_pipeline
 from diffusers_gaq.models import denoiser_of, family_for
-from diffusers_gaq.modeling import QuantizedModelMixin
 from diffusers_gaq.models.unet2d_condition import DEFAULT_CALIBRATION_PROMPTS
 from diffusers_gaq.models.wrap import reconstruction_units, set_quant_state, wrap_model
 from diffusers_gaq.quant.layers import QuantLayer
-from diffusers_gaq.modeling import load_quantized, load_quantized_pipeline, save_quantized_pipeline
 from diffusers_gaq.serialization import quantized_state_dict
 
 torch.set_num_threads(1)  # tiny models: threads only contend (the suite's convention)

@@ -35,11 +35,10 @@ from diffusers_gaq.hub import (
     push_folder,
     write_model_card,
 )
-from diffusers_gaq.modeling import QuantizedUNet2DModel
+from diffusers_gaq.modeling import QuantizedUNet2DModel, load_quantized
 from diffusers_gaq.plots import plot_conflict, plot_fidelity_bars, plot_sample_weights
 from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
 from diffusers_gaq.serialization import CheckpointError
-from diffusers_gaq.modeling import load_quantized
 
 torch.set_num_threads(1)
 

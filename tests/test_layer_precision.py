@@ -25,6 +25,7 @@ from diffusers_gaq import quantize as pipeline_module
 from diffusers_gaq.cli import main as cli_main
 from diffusers_gaq.config import CONFIG_NAME
 from diffusers_gaq.hub import build_model_card
+from diffusers_gaq.modeling import load_quantized
 from diffusers_gaq.models import family_for
 from diffusers_gaq.models.attention import QuantAttnProcessor
 from diffusers_gaq.models.wrap import check_layer_patterns, wrap_model
@@ -32,7 +33,6 @@ from diffusers_gaq.quant.layers import QuantLayer
 from diffusers_gaq.quanto_export import export_to_quanto
 from diffusers_gaq.serialization import CODES_KEY, WEIGHTS_NAME
 from diffusers_gaq.weight_bits import checkpoint_weight_bits, model_weight_bits
-from diffusers_gaq.modeling import load_quantized
 
 torch.set_num_threads(1)
 

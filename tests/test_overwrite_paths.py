@@ -16,8 +16,8 @@ import torch
 from helpers import reliability_config, snapshot, tiny_pipeline
 
 from diffusers_gaq import GradientAlignedQuantizer, cli, quantize_pipeline
-from diffusers_gaq.modeling import save_quantized_pipeline
 from diffusers_gaq.files import atomic_directory
+from diffusers_gaq.modeling import save_quantized_pipeline
 
 torch.set_num_threads(1)
 
@@ -179,9 +179,9 @@ def test_evaluate_update_card_keeps_the_report(qpipe, fp_folder, tmp_path, capsy
     out = capsys.readouterr().out
     assert code == 0 and f"report: {directory / 'evaluation'}" in out
     report = json.loads((directory / "evaluation" / "evaluation.json").read_text())
-    assert (directory / "evaluation" / "samples_quantized.png").is_file()
+    assert (directory / "evaluation" / "comparison.png").is_file()
     card = (directory / "README.md").read_text()
-    assert f"{report['psnr_db']:.2f}" in card and card == (directory / "unet" / "README.md").read_text()
+    assert f"{report['models'][0]['psnr_db']:.2f}" in card and card == (directory / "unet" / "README.md").read_text()
     assert (directory / "notes.txt").read_text() == "mine"
 
 

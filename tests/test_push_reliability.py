@@ -37,9 +37,9 @@ from diffusers_gaq.hub import (
     push_folder,
     push_timeout,
 )
+from diffusers_gaq.modeling import save_quantized_pipeline
 from diffusers_gaq.reference import PIPELINE_DIR
 from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
-from diffusers_gaq.modeling import save_quantized_pipeline
 
 torch.set_num_threads(1)
 

@@ -29,9 +29,9 @@ from diffusers_gaq.calibration import calibrate as calibrate_module
 from diffusers_gaq.calibration.data import CalibrationData
 from diffusers_gaq.checkpointing import DATA_NAME, STATE_NAME
 from diffusers_gaq.hub import build_model_card
+from diffusers_gaq.modeling import save_quantized_pipeline
 from diffusers_gaq.quant.layers import QuantLayer
 from diffusers_gaq.serialization import CheckpointError
-from diffusers_gaq.modeling import save_quantized_pipeline
 
 torch.set_num_threads(1)
 

@@ -7,8 +7,8 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
 from diffusers_gaq import GradientAlignedQuantizer, analyze_sensitivity, cli
-from diffusers_gaq.models.wrap import attention_cores, quant_layers, wrap_model
 from diffusers_gaq.models import family_for
+from diffusers_gaq.models.wrap import attention_cores, quant_layers, wrap_model
 from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG
 from diffusers_gaq.sensitivity import SensitivityReport
 

@@ -22,11 +22,10 @@ from safetensors import safe_open
 
 from diffusers_gaq import quantize_pipeline
 from diffusers_gaq.config import CONFIG_NAME
-from diffusers_gaq.modeling import QuantizedUNet2DModel
+from diffusers_gaq.modeling import QuantizedUNet2DModel, load_quantized, load_quantized_pipeline
 from diffusers_gaq.quant.layers import QuantLayer
 from diffusers_gaq.reference.recipe import REFERENCE_UNET_CONFIG
 from diffusers_gaq.serialization import CODES_KEY, PACKED_SUFFIX, WEIGHTS_NAME, CheckpointError
-from diffusers_gaq.modeling import load_quantized, load_quantized_pipeline
 
 torch.set_num_threads(1)
 logger = logging.getLogger(__name__)

@@ -10,10 +10,10 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 
 from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline
+from diffusers_gaq.modeling import load_quantized
 from diffusers_gaq.models.timestep_groups import TimestepGroups
 from diffusers_gaq.quant.quantizers import ActQuantizer, fake_quantize
 from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
-from diffusers_gaq.modeling import load_quantized
 
 torch.set_num_threads(1)
 

@@ -25,9 +25,17 @@ from safetensors.torch import load_file, save_file
 from diffusers_gaq import quantize_pipeline
 from diffusers_gaq.checkpoint_checks import DIGEST_FIELD, weights_digest
 from diffusers_gaq.config import CONFIG_NAME
-from diffusers_gaq.modeling import QuantizedUNet2DModel
-from diffusers_gaq.serialization import ACT_SCALES_KEY, ACT_ZEROS_KEY, REPORT_JSON, REPORT_TENSORS, WEIGHT_SCALES_KEY, WEIGHT_ZEROS_KEY, WEIGHTS_NAME, CheckpointError
-from diffusers_gaq.modeling import load_quantized
+from diffusers_gaq.modeling import QuantizedUNet2DModel, load_quantized
+from diffusers_gaq.serialization import (
+    ACT_SCALES_KEY,
+    ACT_ZEROS_KEY,
+    REPORT_JSON,
+    REPORT_TENSORS,
+    WEIGHT_SCALES_KEY,
+    WEIGHT_ZEROS_KEY,
+    WEIGHTS_NAME,
+    CheckpointError,
+)
 
 torch.set_num_threads(1)
 

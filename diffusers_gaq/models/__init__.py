@@ -35,7 +35,6 @@ def denoiser_of(pipe) -> tuple[type[ModelFamily], str, nn.Module]:
     """(family, component name, model) of the denoiser a pipeline quantizes; refuses, naming what
     is supported, any pipeline that is not one of the families' pipelines or whose model cannot be
     calibrated or sampled, before any work."""
-    names = ", ".join(p.__name__ for p in supported_pipelines())
     for family in FAMILIES:
         if isinstance(pipe, family.pipeline_classes()):
             model = getattr(pipe, family.component, None)
@@ -47,6 +46,9 @@ def denoiser_of(pipe) -> tuple[type[ModelFamily], str, nn.Module]:
                                 f"is supported with {', '.join(c.__name__ for c in family.model_classes)}")
             family.check_pipeline(pipe, model)
             return family, family.component, model
+    # Named only here: listing every family's pipeline class imports StableDiffusionPipeline, which
+    # imports transformers' image processors (a second of import time and two torchvision warnings).
+    names = ", ".join(p.__name__ for p in supported_pipelines())
     raise TypeError(f"quantize_pipeline got a {type(pipe).__name__}; supported pipelines: {names} "
                     f"(models: {', '.join(supported_models())})")
 
