@@ -14,42 +14,11 @@ from typing import Any
 
 from .files import atomic_write_text
 
+# Precision tags live in precision.py; re-exported here, where the config's users look for them.
+from .precision import (ACT_BITS_RANGE, FP_TAG, PRECISION_FORMS, SAME_TAG, WEIGHT_BITS_RANGE,  # noqa: F401
+                        parse_precision, precision_tag)
+
 CONFIG_NAME = "quantization_config.json"
-
-# ---- per-layer precision tags ----------------------------------------------------------------
-# "w<bits>a<bits>" (both quantized), "w<bits>" (activation FP), "a<bits>" (weight FP) or "fp".
-WEIGHT_BITS_RANGE = (2, 8)
-ACT_BITS_RANGE = (4, 16)
-FP_TAG = "fp"
-SAME_TAG = "same"  # first_last_precision only: no special treatment
-_TAG_RE = re.compile(r"(?:w(\d+))?(?:a(\d+))?")
-PRECISION_FORMS = (f"'w<W>a<A>' (e.g. 'w8a8', 'w4a16'), 'w<W>' (weights only, e.g. 'w8'), "
-                   f"'a<A>' (activation only, e.g. 'a8') or 'fp', with W in {WEIGHT_BITS_RANGE[0]}..{WEIGHT_BITS_RANGE[1]} "
-                   f"and A in {ACT_BITS_RANGE[0]}..{ACT_BITS_RANGE[1]}")
-
-
-def parse_precision(tag: str) -> tuple[int | None, int | None]:
-    """(weight bits, activation bits) of a precision tag, None meaning full precision.
-    Raises ValueError naming the tag and the allowed forms."""
-    match = _TAG_RE.fullmatch(tag) if isinstance(tag, str) else None
-    if tag == FP_TAG:
-        return None, None
-    if match is None or not tag:
-        raise ValueError(f"{tag!r} is not a precision tag; expected {PRECISION_FORMS}")
-    w, a = (int(g) if g is not None else None for g in match.groups())
-    if w is not None and not WEIGHT_BITS_RANGE[0] <= w <= WEIGHT_BITS_RANGE[1]:
-        raise ValueError(f"{tag!r} asks for {w}-bit weights; weight bits must lie in "
-                         f"{WEIGHT_BITS_RANGE[0]}..{WEIGHT_BITS_RANGE[1]} (expected {PRECISION_FORMS})")
-    if a is not None and not ACT_BITS_RANGE[0] <= a <= ACT_BITS_RANGE[1]:
-        raise ValueError(f"{tag!r} asks for {a}-bit activations; activation bits must lie in "
-                         f"{ACT_BITS_RANGE[0]}..{ACT_BITS_RANGE[1]} (expected {PRECISION_FORMS})")
-    return w, a
-
-
-def precision_tag(weight_bits: int | None, act_bits: int | None) -> str:
-    """The tag of a (weight bits, activation bits) pair; inverse of parse_precision."""
-    text = (f"w{weight_bits}" if weight_bits else "") + (f"a{act_bits}" if act_bits else "")
-    return text or FP_TAG
 
 _CHOICES = {
     "weight_granularity": ("per_channel", "per_tensor"),
@@ -64,6 +33,13 @@ _CHOICES = {
 # Calibration budgets by name (GradientAlignedQuantizer.from_budget, the CLI's --budget): "tiny" for tests,
 # "demo" finishes in minutes on 2 CPU cores, "default" is the dataclass defaults, "paper" is Q-Diffusion's scale.
 BUDGETS = {
+    # `make demo` (diffusers-gaq demo): every stage of the method at a fraction of the `demo` budget:
+    # 20-step trajectories instead of 50, 8 calibration timesteps x 16 trajectories instead of 10 x 24,
+    # 48 reconstruction iterations per block instead of 160 (AdaRound rate 0.1 as for `demo`), 1 meta
+    # iteration instead of 8. Reconstruction is most of the time (about 60 %), the meta step ~15 %;
+    # measured in docs/benchmarks.md ("make demo in three minutes"), with a larger candidate.
+    "quick": dict(num_inference_steps=20, num_calibration_timesteps=8, samples_per_timestep=16, recon_iters=48,
+                  recon_batch_size=32, meta_iters=1, meta_batch_size=32, weight_lr=0.1),
     "tiny": dict(num_inference_steps=10, num_calibration_timesteps=5, samples_per_timestep=8, recon_iters=5,
                  recon_batch_size=8, meta_iters=1, meta_batch_size=8, val_fraction=0.2),
     "demo": dict(num_inference_steps=50, num_calibration_timesteps=10, samples_per_timestep=24, recon_iters=160,
@@ -379,7 +355,7 @@ class GradientAlignedQuantizer:
 
     @classmethod
     def from_budget(cls, name: str, **fields) -> "GradientAlignedQuantizer":
-        """The config of the calibration budget ``name`` (BUDGETS: tiny, demo, default, paper), with
+        """The config of the calibration budget ``name`` (BUDGETS: quick, tiny, demo, default, paper), with
         ``fields`` set on top (``from_budget("demo", weight_bits=4, act_bits=8)``)."""
         if name not in BUDGETS:
             raise ValueError(f"unknown budget {name!r}; choose one of {', '.join(BUDGETS)}")

@@ -17,15 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import BUDGETS
+
 logger = logging.getLogger(__name__)
 
-# Every stage of the method at a fraction of the `demo` budget (docs/benchmarks.md, "make demo"):
-# 20-step trajectories instead of 50, 8 calibration timesteps x 16 trajectories instead of 10 x 24,
-# 48 reconstruction iterations per block instead of 160 (AdaRound rate 0.1 as for `demo`), 1 meta
-# iteration instead of 8. Reconstruction is most of the time (about 60 %), the meta step ~15 %;
-# measured in docs/benchmarks.md ("make demo in three minutes"), with a larger candidate.
-QUICK_BUDGET = dict(num_inference_steps=20, num_calibration_timesteps=8, samples_per_timestep=16, recon_iters=48,
-                    recon_batch_size=32, meta_iters=1, meta_batch_size=32, weight_lr=0.1)
+QUICK_BUDGET = BUDGETS["quick"]  # config.py: every stage of the method at a fraction of `demo`
 QUICK_NUM_IMAGES = 64
 QUICK_STEPS = 20
 
@@ -46,13 +42,9 @@ class DemoResult:
 
 
 def budget_for(name: str) -> dict:
-    """The calibration budget named ``name``: ``quick`` (this module) or one of the CLI presets."""
-    if name == "quick":
-        return dict(QUICK_BUDGET)
-    from .config import BUDGETS
-
+    """The fields of the calibration budget named ``name`` (config.BUDGETS)."""
     if name not in BUDGETS:
-        raise ValueError(f"unknown budget {name!r}; choose quick or one of {', '.join(sorted(BUDGETS))}")
+        raise ValueError(f"unknown budget {name!r}; choose one of {', '.join(BUDGETS)}")
     return dict(BUDGETS[name])
 
 

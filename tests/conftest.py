@@ -68,5 +68,5 @@ def no_sampling():
 @pytest.fixture
 def no_loading():
     """Fails the test if the command line loads a model: the error had to come first."""
-    with mock.patch.object(cli, "load_pipeline", side_effect=AssertionError("the model was loaded")):
+    with mock.patch.object(cli.common, "load_pipeline", side_effect=AssertionError("the model was loaded")):
         yield

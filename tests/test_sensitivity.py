@@ -145,14 +145,14 @@ def test_cli_runs_end_to_end(pipe, tmp_path, capsys):
     (["--top", "0"], "--top"),
 ], ids=["weight-bits", "act-bits", "top"])
 def test_cli_bad_input_is_one_line_before_any_work(args, expected, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "load_pipeline", lambda model: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cli.common, "load_pipeline", lambda model: pytest.fail("the model was loaded"))
     code = cli.main(["sensitivity", "reference", "--output", str(tmp_path / "o"), *args])
     err = capsys.readouterr().err
     assert code == 1 and expected in err and err.count("\n") == 1, err
 
 
 def test_cli_unsupported_pipeline_is_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "load_pipeline", lambda model: object())
+    monkeypatch.setattr(cli.common, "load_pipeline", lambda model: object())
     code = cli.main(["sensitivity", "reference", "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 1 and "supported pipelines" in err and err.count("\n") == 1, err

@@ -1,0 +1,71 @@
+"""`diffusers-gaq evaluate`: quantized pipelines against their FP pipeline, from the same noise."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from . import common
+from .common import REFERENCE, CLIError, _base_id, _check_model_id, _denoiser
+
+logger = logging.getLogger("diffusers_gaq")
+
+def cmd_evaluate(args) -> int:
+    """Every quantized folder against one FP pipeline, from the same noise: one table, one grid."""
+    from ..evaluation_report import compare_pipelines
+    from ..evaluation_sampling import SamplingPlan
+    from ..folders import quantized_model_dir
+    from ..modeling import load_quantized_pipeline
+    from ..serialization import WEIGHTS_NAME
+
+    directories = [Path(d) for d in args.directory]
+    if len(directories) > 1 and not args.report:
+        raise CLIError(f"{len(directories)} folders give one comparison: pass --report FOLDER for its table and grid")
+    if args.baseline:
+        _check_model_id(args.baseline)
+    quantized, sizes, calibration, bases = {}, {}, {}, {}
+    for directory in directories:
+        name = directory.name if [d.name for d in directories].count(directory.name) == 1 else str(directory)
+        qpipe = quantized[name] = load_quantized_pipeline(str(directory))
+        model_dir = quantized_model_dir(directory)
+        sizes[name] = (model_dir / WEIGHTS_NAME).stat().st_size / 2**20
+        report = model_dir / "calibration_report.json"
+        if report.is_file():
+            summary = json.loads(report.read_text())
+            calibration[name] = summary.get("calibration_seconds", 0.0) + summary.get("data_seconds", 0.0)
+        bases[name] = _base_id(_denoiser(qpipe))
+    if not args.baseline and len(set(bases.values())) > 1:
+        raise CLIError(f"the folders come from different base models ({', '.join(f'{k}: {v}' for k, v in bases.items())}); "
+                       "compare folders of one model, or name the FP pipeline with --baseline")
+    base_id = args.baseline or next(iter(bases.values()))
+    plan = SamplingPlan(num_images=args.num_images, num_inference_steps=args.num_inference_steps, seed=args.seed,
+                        class_labels=args.class_labels or [], prompts=args.prompt or [],
+                        guidance_scale=args.guidance_scale)
+    result = compare_pipelines(common.load_pipeline(base_id), quantized, plan, baseline=base_id, fid=base_id == REFERENCE,
+                               weights_mib=sizes, calibration_seconds=calibration, progress=not args.quiet)
+    report_dir = Path(args.report or directories[0] / "evaluation")
+    result.write(report_dir)
+    print(result.to_markdown(), end="")
+    if args.update_card:
+        for (name, qpipe), directory, row in zip(quantized.items(), directories, result.rows):
+            _denoiser(qpipe).gaq_evaluation = result.card_entry(row)
+            _update_card(qpipe, directory)
+    print(f"report: {report_dir} (evaluation.md, evaluation.json, comparison.png: one row per model, FP first)")
+    return 0
+
+
+def _update_card(qpipe, directory: Path) -> None:
+    """Rewrite the model card (and its plots) in place, file by file and atomically: saving the
+    whole pipeline again would replace the folder, and with it the report just written into it."""
+    from ..files import atomic_write_bytes
+    from ..folders import quantized_model_dir
+    from ..hub import write_model_card
+
+    denoiser_dir = quantized_model_dir(directory)
+    card = write_model_card(_denoiser(qpipe), denoiser_dir)
+    if denoiser_dir != directory:  # a pipeline keeps a copy of the card and plots at the top
+        for item in denoiser_dir.iterdir():
+            if item.suffix in (".md", ".png"):
+                atomic_write_bytes(directory / item.name, item.read_bytes())
+    logger.info("updated the model card %s", card)
