@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_demo_quick_preset_writes_picture_and_table(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    # One thread, as the suite runs its subprocesses: two spin-wait on each other on a shared machine.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "diffusers_gaq", "demo", "--output", str(out), "--quiet"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=3600)
