@@ -56,6 +56,9 @@ _CHOICES = {
     "method": ("reconstruction", "minmax"),
     "weighting": ("gradient_aligned", "uniform"),
     "act_range_init": ("ema", "ema_shuffled", "minmax", "percentile", "mse"),
+    "gradient_matching": ("dot", "cosine"),
+    "inner_step": ("absolute", "relative", "adam"),
+    "omega_granularity": ("sample", "timestep"),
 }
 
 
@@ -109,6 +112,14 @@ class GradientAlignedQuantizer:
         (T, consecutive timestep groups); tau (softmax temperature); meta_iters, meta_batch_size,
         inner_lr (eta of the virtual step), meta_lr (Adam on the scores); carry_scores (whether
         scores carry over from block to block).
+        Variants of the meta objective (calibration/weighting.py; the paper's form is "dot",
+        "absolute", "sample"): gradient_matching "dot" (raw dot products of the groups' surrogate
+        gradients G_t) | "cosine" (cosines of the G_t, validation losses relative to their value
+        before the virtual step: neither inner_lr nor the loss scale decides whether alignment
+        matters); inner_step "absolute" (eta = inner_lr) | "relative" (each tensor's virtual step is
+        inner_lr times its norm; inner_lr <= 1) | "adam" (as long as the reconstruction optimiser's
+        first step; inner_lr unused); omega_granularity "sample" (N weights) | "timestep" (one weight
+        per calibration timestep, shared by its samples).
     Run
         seed; device (None: cuda when available, else cpu).
     """
@@ -163,6 +174,10 @@ class GradientAlignedQuantizer:
     inner_lr: float = 1e-2
     meta_lr: float = 0.1
     carry_scores: bool = False
+    # The paper's meta objective by default (docs/benchmarks.md, "Gradient-aligned variants (issue 13)").
+    gradient_matching: str = "dot"
+    inner_step: str = "absolute"
+    omega_granularity: str = "sample"
 
     # model families (issue #8)
     # Class-conditional models (class-conditional UNet2DModel, DiT): labels of the calibration
@@ -256,6 +271,9 @@ class GradientAlignedQuantizer:
         self._int("meta_iters", 0)
         self._int("meta_batch_size", 1)
         self._float("inner_lr", 0.0)
+        if self.inner_step == "relative" and self.inner_lr > 1:
+            self._fail("inner_lr", "a fraction in [0, 1] with inner_step='relative' (the virtual step's length "
+                       "relative to each tensor's norm)")
         self._float("meta_lr", 0.0)
         self._validate_family_fields()
         self._int("seed", 0, 2**32 - 1)
