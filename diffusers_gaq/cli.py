@@ -25,12 +25,18 @@ logger = logging.getLogger("diffusers_gaq")
 BUDGETS = {
     "tiny": dict(num_inference_steps=10, num_calibration_timesteps=5, samples_per_timestep=8, recon_iters=5,
                  recon_batch_size=8, meta_iters=1, meta_batch_size=8, val_fraction=0.2),
+    # meta_iters: one meta iteration costs 11-17 reconstruction iterations (docs/benchmarks.md, "Gradient-aligned
+    # variants (issue 13)"), so meta_iters <= 0.3 * recon_iters / 17 keeps the meta steps within 0.3x of the
+    # reconstruction they serve; 2 meta steps learned weights as good as 8 per unit. At the paper's scale (260
+    # validation samples per meta step) one costs 40-110 reconstruction iterations: 50 of them, not the paper's
+    # 2000 (4-11x the reconstruction). tiny is a smoke test: its single meta step costs ~18 of its 5
+    # reconstruction iterations.
     "demo": dict(num_inference_steps=50, num_calibration_timesteps=10, samples_per_timestep=24, recon_iters=160,
-                 recon_batch_size=32, meta_iters=8, meta_batch_size=32, weight_lr=0.1),
+                 recon_batch_size=32, meta_iters=2, meta_batch_size=32, weight_lr=0.1),
     "default": {},
     # Q-Diffusion's scale and AdaRound learning rate (docs/benchmarks.md: reconstruction curve).
     "paper": dict(num_inference_steps=100, num_calibration_timesteps=20, samples_per_timestep=256, recon_iters=20000,
-                  recon_batch_size=32, meta_iters=2000, weight_lr=1e-3),
+                  recon_batch_size=32, meta_iters=50, weight_lr=1e-3),
 }
 
 REFERENCE = "reference"

@@ -169,7 +169,9 @@ class GradientAlignedQuantizer:
     val_fraction: float = 0.05
     num_groups: int = 5
     tau: float = 1.0
-    meta_iters: int = 20
+    # At most 0.3x the reconstruction's time at recon_iters=200: one meta iteration costs 11-17 reconstruction
+    # iterations (docs/benchmarks.md, "Gradient-aligned variants (issue 13)").
+    meta_iters: int = 3
     meta_batch_size: int = 32
     inner_lr: float = 1e-2
     meta_lr: float = 0.1
