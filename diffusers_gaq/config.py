@@ -27,6 +27,9 @@ _CHOICES = {
     "method": ("reconstruction", "minmax"),
     "weighting": ("gradient_aligned", "uniform"),
     "act_range_init": ("ema", "ema_shuffled", "minmax", "percentile", "mse"),
+    "gradient_matching": ("dot", "cosine"),
+    "inner_step": ("absolute", "relative", "adam"),
+    "omega_granularity": ("sample", "timestep"),
 }
 
 
@@ -42,12 +45,18 @@ BUDGETS = {
                   recon_batch_size=32, meta_iters=1, meta_batch_size=32, weight_lr=0.1),
     "tiny": dict(num_inference_steps=10, num_calibration_timesteps=5, samples_per_timestep=8, recon_iters=5,
                  recon_batch_size=8, meta_iters=1, meta_batch_size=8, val_fraction=0.2),
+    # meta_iters: one meta iteration costs 11-17 reconstruction iterations (docs/benchmarks.md, "Gradient-aligned
+    # variants (issue 13)"), so meta_iters <= 0.3 * recon_iters / 17 keeps the meta steps within 0.3x of the
+    # reconstruction they serve; 2 meta steps learned weights as good as 8 per unit. At the paper's scale (260
+    # validation samples per meta step) one costs 40-110 reconstruction iterations: 50 of them, not the paper's
+    # 2000 (4-11x the reconstruction). tiny is a smoke test: its single meta step costs ~18 of its 5
+    # reconstruction iterations.
     "demo": dict(num_inference_steps=50, num_calibration_timesteps=10, samples_per_timestep=24, recon_iters=160,
-                 recon_batch_size=32, meta_iters=8, meta_batch_size=32, weight_lr=0.1),
+                 recon_batch_size=32, meta_iters=2, meta_batch_size=32, weight_lr=0.1),
     "default": {},
     # Q-Diffusion's scale and AdaRound learning rate (docs/benchmarks.md: reconstruction curve).
     "paper": dict(num_inference_steps=100, num_calibration_timesteps=20, samples_per_timestep=256, recon_iters=20000,
-                  recon_batch_size=32, meta_iters=2000, weight_lr=1e-3),
+                  recon_batch_size=32, meta_iters=50, weight_lr=1e-3),
 }
 
 
@@ -101,6 +110,14 @@ class GradientAlignedQuantizer:
         (T, consecutive timestep groups); tau (softmax temperature); meta_iters, meta_batch_size,
         inner_lr (eta of the virtual step), meta_lr (Adam on the scores); carry_scores (whether
         scores carry over from block to block).
+        Variants of the meta objective (calibration/weighting.py; the paper's form is "dot",
+        "absolute", "sample"): gradient_matching "dot" (raw dot products of the groups' surrogate
+        gradients G_t) | "cosine" (cosines of the G_t, validation losses relative to their value
+        before the virtual step: neither inner_lr nor the loss scale decides whether alignment
+        matters); inner_step "absolute" (eta = inner_lr) | "relative" (each tensor's virtual step is
+        inner_lr times its norm; inner_lr <= 1) | "adam" (as long as the reconstruction optimiser's
+        first step; inner_lr unused); omega_granularity "sample" (N weights) | "timestep" (one weight
+        per calibration timestep, shared by its samples).
     Run
         seed; device (None: cuda when available, else cpu).
     """
@@ -150,11 +167,17 @@ class GradientAlignedQuantizer:
     val_fraction: float = 0.05
     num_groups: int = 5
     tau: float = 1.0
-    meta_iters: int = 20
+    # At most 0.3x the reconstruction's time at recon_iters=200: one meta iteration costs 11-17 reconstruction
+    # iterations (docs/benchmarks.md, "Gradient-aligned variants (issue 13)").
+    meta_iters: int = 3
     meta_batch_size: int = 32
     inner_lr: float = 1e-2
     meta_lr: float = 0.1
     carry_scores: bool = False
+    # The paper's meta objective by default (docs/benchmarks.md, "Gradient-aligned variants (issue 13)").
+    gradient_matching: str = "dot"
+    inner_step: str = "absolute"
+    omega_granularity: str = "sample"
 
     # model families (issue #8)
     # Class-conditional models (class-conditional UNet2DModel, DiT): labels of the calibration
@@ -248,6 +271,9 @@ class GradientAlignedQuantizer:
         self._int("meta_iters", 0)
         self._int("meta_batch_size", 1)
         self._float("inner_lr", 0.0)
+        if self.inner_step == "relative" and self.inner_lr > 1:
+            self._fail("inner_lr", "a fraction in [0, 1] with inner_step='relative' (the virtual step's length "
+                       "relative to each tensor's norm)")
         self._float("meta_lr", 0.0)
         self._validate_family_fields()
         self._int("seed", 0, 2**32 - 1)

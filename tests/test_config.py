@@ -24,6 +24,9 @@ CHOICES = {
     "method": ("reconstruction", "minmax"),
     "act_range_init": ("ema", "ema_shuffled", "minmax", "percentile", "mse"),
     "weighting": ("gradient_aligned", "uniform"),
+    "gradient_matching": ("dot", "cosine"),
+    "inner_step": ("absolute", "relative", "adam"),
+    "omega_granularity": ("sample", "timestep"),
 }
 
 
@@ -140,7 +143,8 @@ NON_DEFAULT = dict(weight_bits=3, act_bits=None, weight_granularity="per_tensor"
                    recon_batch_size=5, weight_lr=0.1234567890123, act_lr=0.0, round_reg_weight=1e-3,
                    round_warmup=0.0, beta_start=1e3, beta_end=0.5, grad_shards=5, keep_rtn_if_no_gain=True, weighting="uniform", val_fraction=0.25,
                    num_groups=20, tau=0.3, meta_iters=0, meta_batch_size=9, inner_lr=1e-7, meta_lr=2.5,
-                   carry_scores=True, class_labels=(3, 0, 999), calibration_prompts=("a cat", "a red car"),
+                   carry_scores=True, gradient_matching="cosine", inner_step="relative", omega_granularity="timestep",
+                   class_labels=(3, 0, 999), calibration_prompts=("a cat", "a red car"),
                    guidance_scale=2.5, seed=2**32 - 1, device="cpu")
 
 
@@ -284,6 +288,10 @@ def valid_kwargs(draw):
     for name in BOOL_FIELDS:
         kw[name] = draw(st.booleans())
     kw["grad_shards"] = draw(st.none() | st.integers(1, kw["recon_batch_size"]))
+    for name in ("gradient_matching", "inner_step", "omega_granularity"):
+        kw[name] = draw(st.sampled_from(CHOICES[name]))
+    if kw["inner_step"] == "relative":  # inner_lr is then a fraction of each tensor's norm
+        kw["inner_lr"] = draw(st.floats(0.0, 1.0))
     assert set(kw) == set(FIELDS)
     return kw
 

@@ -25,7 +25,7 @@ from .capture import capture_all_outputs, capture_unit
 from .data import CalibrationData
 from .diagnostics import cosine_matrix, group_gradients, mean_per_step
 from .reconstruction import UnitProblem, harden, init_quantizers, reconstruct, start_rounding
-from .weighting import learn_scores, sample_weights
+from .weighting import learn_scores, num_scores, weights_of_samples
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,15 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
     train_groups = [torch.nonzero(data.group[train_idx] == g).flatten() for g in range(data.num_groups)]
     report = CalibrationReport(train_timesteps=data.timesteps[train_idx].clone(),
                                train_step_index=data.step_index[train_idx].clone())
-    scores = torch.zeros(len(train_idx)) if scores is None else scores
+    # omega_granularity="timestep": one score per calibration timestep, indexed by each sample's step.
+    num_steps = int(data.step_index.max()) + 1
+    score_index = data.step_index[train_idx].clone() if config.omega_granularity == "timestep" else None
+    n_scores = num_scores(config, len(train_idx), num_steps)
+    scores = torch.zeros(n_scores) if scores is None else scores
+    if len(scores) != n_scores:
+        raise ValueError(f"the resumed run carries {len(scores)} sample scores but this configuration learns "
+                         f"{n_scores} (omega_granularity={config.omega_granularity!r}); resume with the run's "
+                         "own configuration")
     bs = max(config.recon_batch_size, config.calibration_batch_size)
     gradient_aligned = config.method == "reconstruction" and config.weighting == "gradient_aligned"
     started = time.perf_counter()
@@ -173,12 +181,12 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
             # theta is empty when nothing in the unit is trainable (e.g. only FP-weight layers, fixed act steps)
             if gradient_aligned and config.meta_iters > 0 and theta:
                 tm = time.perf_counter()
-                init_scores = scores if config.carry_scores else torch.zeros(len(train_idx))
+                init_scores = scores if config.carry_scores else torch.zeros(n_scores)
                 gen = torch.Generator().manual_seed(config.seed * 1009 + 2 * b + 1)
                 scores, _ = learn_scores(problem, init_scores, train_idx, val_groups, config, gen, progress,
-                                         grad_hook=dist.broadcast_tensor if dist else None)
+                                         grad_hook=dist.broadcast_tensor if dist else None, score_index=score_index)
                 scores = scores.cpu()
-                omega = sample_weights(scores, config.tau)
+                omega = weights_of_samples(scores, config.tau, score_index)
                 rep.meta_seconds = time.perf_counter() - tm
             if record_conflict and theta:
                 groups = [train_idx[g] for g in train_groups]
