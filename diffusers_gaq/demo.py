@@ -35,7 +35,7 @@ LONGER_RUN = ("the documented `demo` budget (50-step trajectories, 24 per timest
 
 @dataclass
 class DemoResult:
-    comparison: object  # evaluation_report.Comparison
+    comparison: object  # evaluation.report.Comparison
     calibration_seconds: float
     total_seconds: float
     files: list[Path]
@@ -67,8 +67,8 @@ def run_demo(output: Path, config, *, budget_name: str, num_images: int, num_inf
     """Quantize the reference pipeline with ``config``, compare it with FP and write into ``output``:
     fp_vs_quantized.png, evaluation.md / .json, comparison.png, demo.json and the checkpoint pipeline/.
     ``say`` reports each step (the CLI prints; the default logs)."""
-    from .evaluation_report import compare_pipelines
-    from .evaluation_sampling import SamplingPlan
+    from .evaluation.report import compare_pipelines
+    from .evaluation.sampling import SamplingPlan
     from .files import atomic_path, atomic_write_text
     from .modeling import save_quantized_pipeline
     from .quantize import quantize_pipeline

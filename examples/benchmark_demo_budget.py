@@ -29,7 +29,7 @@ def main() -> int:
     from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline
     from diffusers_gaq.demo import budget_for
     from diffusers_gaq.evaluation import fid_reference, sample_psnr
-    from diffusers_gaq.evaluation_sampling import SamplingPlan, paired_samples
+    from diffusers_gaq.evaluation.sampling import SamplingPlan, paired_samples
     from diffusers_gaq.reference import load_reference_pipeline
 
     budget = json.loads(args.budget) if args.budget.lstrip().startswith("{") else budget_for(args.budget)

@@ -14,7 +14,7 @@ from test_families import TINY, build_pipeline
 
 from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline
 from diffusers_gaq.cli import main
-from diffusers_gaq.evaluation_sampling import SamplingPlan, conditioning, paired_samples
+from diffusers_gaq.evaluation.sampling import SamplingPlan, conditioning, paired_samples
 from diffusers_gaq.modeling import save_quantized_pipeline
 
 torch.set_num_threads(1)

@@ -1,10 +1,10 @@
-"""SSIM written here (diffusers_gaq/ssim.py) against a direct, loop-by-loop evaluation of Wang et al.'s
+"""SSIM written here (diffusers_gaq/evaluation/ssim.py) against a direct, loop-by-loop evaluation of Wang et al.'s
 formula, and its basic properties."""
 
 import numpy as np
 import pytest
 
-from diffusers_gaq.ssim import K1, K2, sample_ssim, ssim_per_image, window_for
+from diffusers_gaq.evaluation.ssim import K1, K2, sample_ssim, ssim_per_image, window_for
 
 
 def _direct_ssim(x: np.ndarray, y: np.ndarray) -> float:

@@ -13,8 +13,8 @@ logger = logging.getLogger("diffusers_gaq")
 
 def cmd_evaluate(args) -> int:
     """Every quantized folder against one FP pipeline, from the same noise: one table, one grid."""
-    from ..evaluation_report import compare_pipelines
-    from ..evaluation_sampling import SamplingPlan
+    from ..evaluation.report import compare_pipelines
+    from ..evaluation.sampling import SamplingPlan
     from ..folders import quantized_model_dir
     from ..modeling import load_quantized_pipeline
     from ..serialization import WEIGHTS_NAME

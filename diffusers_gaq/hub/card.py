@@ -111,6 +111,9 @@ _EVAL_LABELS = {
     "fid_ref_quantized": "FID-ref, quantized model",
     "psnr_db": "PSNR vs full-precision samples (dB)",
     "mse": "MSE vs full-precision samples",
+    "ssim": "SSIM vs full-precision samples",
+    "seconds_per_image_fp": "seconds per image, full-precision model",
+    "seconds_per_image_quantized": "seconds per image, quantized model",
     "num_images": "images",
     "num_inference_steps": "DDIM steps",
 }

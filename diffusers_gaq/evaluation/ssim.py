@@ -59,7 +59,7 @@ def ssim_per_image(reference: np.ndarray, images: np.ndarray) -> np.ndarray:
 
 def sample_ssim(reference_images, images, per_image: bool = False):
     """Mean SSIM between paired images (PIL lists or arrays in [0, 1], as sample_psnr takes them)."""
-    from .evaluation import images_to_array
+    from . import images_to_array
 
     values = ssim_per_image(images_to_array(reference_images), images_to_array(images))
     return values if per_image else float(values.mean())

@@ -52,7 +52,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 @torch.no_grad()
 def reference_features(images, batch_size: int = 500) -> np.ndarray:
     """Penultimate-layer features of the reference classifier, [N, 128]."""
-    from .reference import load_reference_classifier
+    from ..reference import load_reference_classifier
 
     arr = images_to_array(images)
     if arr.shape[-1] != 1:  # the classifier sees grayscale
@@ -67,7 +67,7 @@ def reference_features(images, batch_size: int = 500) -> np.ndarray:
 def fid_reference(images) -> float:
     """FID-ref: Fréchet distance between the reference classifier's features of ``images``
     and the shipped statistics of the real Fashion-MNIST test split (10k images)."""
-    from .reference import load_reference_statistics
+    from ..reference import load_reference_statistics
 
     feats = reference_features(images)
     if len(feats) < 2:

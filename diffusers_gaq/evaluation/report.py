@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluation import fid_reference, image_grid, sample_psnr
-from .evaluation_sampling import SamplingPlan, paired_samples, pipeline_kind
+from . import fid_reference, image_grid, sample_psnr
+from .sampling import SamplingPlan, paired_samples, pipeline_kind
 from .ssim import sample_ssim
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class Comparison:
         return out
 
     def write(self, folder: Path) -> None:
-        from .files import atomic_path, atomic_write_text
+        from ..files import atomic_path, atomic_write_text
 
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "evaluation.json", json.dumps(self.to_dict(), indent=2) + "\n")
@@ -107,7 +107,7 @@ def compare_pipelines(fp_pipe, quantized: dict, plan: SamplingPlan, *, baseline:
                       progress: bool = False) -> Comparison:
     """``quantized``: name -> quantized pipeline of fp_pipe's model; ``weights_mib``: name -> size of
     its saved denoiser weights. FID-ref only with ``fid`` (the reference pipeline's 32x32 images)."""
-    from .models import denoiser_of
+    from ..models import denoiser_of
 
     kind = pipeline_kind(fp_pipe)
     for name, qpipe in quantized.items():

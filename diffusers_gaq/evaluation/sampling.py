@@ -54,17 +54,17 @@ class SamplingPlan:
         if kind in ("class_conditional", "dit"):
             text += ", class labels " + ("given" if self.class_labels else "spread over every class")
         if kind == "text_to_image":
-            text += ", prompts " + ("given" if self.prompts else "diffusers_gaq.evaluation_sampling.EVALUATION_PROMPTS")
+            text += ", prompts " + ("given" if self.prompts else "diffusers_gaq.evaluation.sampling.EVALUATION_PROMPTS")
         return text
 
 
 def pipeline_kind(pipe) -> str:
     """'unconditional', 'class_conditional', 'dit' or 'text_to_image'; refuses (naming what is
     supported) any pipeline quantize_pipeline does not take."""
-    from .models import denoiser_of
-    from .models.dit import DiTFamily
-    from .models.unet2d import is_class_conditional
-    from .models.unet2d_condition import UNet2DConditionFamily
+    from ..models import denoiser_of
+    from ..models.dit import DiTFamily
+    from ..models.unet2d import is_class_conditional
+    from ..models.unet2d_condition import UNet2DConditionFamily
 
     family, _, model = denoiser_of(pipe)
     if family is DiTFamily:
@@ -79,7 +79,7 @@ def with_ddim(pipe):
     from diffusers import DDIMScheduler
 
     if pipeline_kind(pipe) == "unconditional":
-        from .evaluation import as_ddim
+        from . import as_ddim
 
         return as_ddim(pipe)  # DDPMPipeline samples with DDIM through DDIMPipeline
     components = dict(pipe.components)
@@ -95,7 +95,7 @@ def with_ddim(pipe):
 
 
 def _num_classes(pipe, kind: str) -> int | None:
-    from .models import denoiser_of
+    from ..models import denoiser_of
 
     model = denoiser_of(pipe)[2]
     if kind == "dit":
@@ -105,7 +105,7 @@ def _num_classes(pipe, kind: str) -> int | None:
 
 def conditioning(pipe, plan: SamplingPlan) -> tuple[str, list]:
     """(kind, one entry per image: a class label, a prompt, or None)."""
-    from .models.base import spread_labels
+    from ..models.base import spread_labels
 
     kind = pipeline_kind(pipe)
     n = plan.num_images
