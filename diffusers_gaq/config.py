@@ -109,6 +109,14 @@ class GradientAlignedQuantizer:
         (T, consecutive timestep groups); tau (softmax temperature); meta_iters, meta_batch_size,
         inner_lr (eta of the virtual step), meta_lr (Adam on the scores); carry_scores (whether
         scores carry over from block to block).
+    Memory
+        max_calibration_memory_gib: what calibration may hold beyond the model itself, in GiB (None:
+        no bound). Half of it is for the captured inputs and FP targets of the unit being calibrated
+        (the whole calibration set; beyond that they go to a disk-backed store in a temporary folder
+        and are read back per minibatch); a sixteenth is the working set of one chunk of a quantized
+        attention map (computed a chunk of (sample, head) slices at a time under activation
+        checkpointing). Neither changes a single bit of the result. The default, 16, leaves room on a
+        24 GB device for Stable Diffusion 1.5's UNet at minibatch 8.
     Run
         seed; device (None: cuda when available, else cpu).
     """
@@ -174,6 +182,8 @@ class GradientAlignedQuantizer:
     # Classifier-free guidance of the calibration trajectories (DiT, Stable Diffusion): None takes the
     # pipeline's default (4.0 DiT, 7.5 SD); <= 1 turns guidance off (conditional inputs only).
     guidance_scale: float | None = None
+
+    max_calibration_memory_gib: float | None = 16.0
 
     seed: int = 0
     device: str | None = None
@@ -258,6 +268,8 @@ class GradientAlignedQuantizer:
         self._float("inner_lr", 0.0)
         self._float("meta_lr", 0.0)
         self._validate_family_fields()
+        if self.max_calibration_memory_gib is not None:
+            self._float("max_calibration_memory_gib", 0.0, lo_open=True)
         self._int("seed", 0, 2**32 - 1)
         if self.device is not None:
             if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
@@ -331,6 +343,20 @@ class GradientAlignedQuantizer:
         if self.first_last_precision != SAME_TAG:
             tags.append(self.first_last_precision)
         return self.act_bits is not None or any(parse_precision(t)[1] is not None for t in tags)
+
+    @property
+    def capture_memory_bytes(self) -> int | None:
+        """Bytes of captured unit inputs and FP targets kept in memory before the disk-backed store."""
+        if self.max_calibration_memory_gib is None:
+            return None
+        return int(self.max_calibration_memory_gib * 2**30) // 2
+
+    @property
+    def attention_chunk_bytes(self) -> int | None:
+        """Working set of one chunk of a quantized attention map (QuantAttentionCore.max_chunk_bytes)."""
+        if self.max_calibration_memory_gib is None:
+            return None
+        return int(self.max_calibration_memory_gib * 2**30) // 16
 
     @property
     def tag(self) -> str:
