@@ -65,7 +65,8 @@ def _eager_classes():
     # module* (getattr(module, "ModelMixin")), hence the ModelMixin import at the top.
     from . import FAMILIES
 
-    classes = [quantized_class(base) for family in FAMILIES for base in family.model_classes]
+    bases = dict.fromkeys(base for family in FAMILIES for base in family.model_classes)  # SD and SDXL share one
+    classes = [quantized_class(base) for base in bases]
     return {cls.__name__: cls for cls in classes}
 
 
