@@ -173,3 +173,13 @@ def test_memory_budget_is_validated_and_round_trips():
     for bad in (0, -1.0, float("inf"), "16GB", True):
         with pytest.raises(ValueError, match="max_calibration_memory_gib"):
             GradientAlignedQuantizer(max_calibration_memory_gib=bad)
+
+
+def test_strided_pool_indices_stay_in_range_past_float32_precision():
+    """A [8, 1024, 2560] activation (SD 1.5's 32x32 feed-forward at minibatch 8) has 20971520 values,
+    and float32 rounds the last linspace index up to 20971520: out of range before the clamp."""
+    from diffusers_gaq.quant.quantizers import _subsample
+
+    n = 8 * 1024 * 2560
+    pool = _subsample(torch.arange(n, dtype=torch.float32), 4096)
+    assert len(pool) == 4098 and pool[4095] == n - 1 and pool[-1] == n - 1

@@ -167,8 +167,15 @@ def _subsample(x: torch.Tensor, k: int) -> torch.Tensor:
     flat = x.detach().flatten().float()
     if flat.numel() <= k:
         return flat
-    idx = torch.linspace(0, flat.numel() - 1, k, device=flat.device).long()
-    return torch.cat([flat[idx], flat.min().reshape(1), flat.max().reshape(1)])
+    return torch.cat([flat[_strided_indices(flat.numel(), k, flat.device)], flat.min().reshape(1),
+                      flat.max().reshape(1)])
+
+
+def _strided_indices(n: int, k: int, device) -> torch.Tensor:
+    """k evenly strided indices into n values. The float32 linspace rounds n - 1 up past the end for
+    some n > 2^24 (a minibatch of 8 at Stable Diffusion's size); clamping fixes that and leaves every
+    index that was in range as it was."""
+    return torch.linspace(0, n - 1, k, device=device).long().clamp_(max=n - 1)
 
 
 @torch.no_grad()
@@ -300,7 +307,7 @@ class ActQuantizer(nn.Module):
                     entry["pool"] = xs
                 else:
                     entry["subsampled"] = True
-                    idx = torch.linspace(0, total - 1, self.POOL, device=part.device).long() - first
+                    idx = _strided_indices(total, self.POOL, part.device) - first
                     entry["pool"] = xs[idx[(idx >= 0) & (idx < xs.numel())]]
             out[int(g)] = entry
         return out
