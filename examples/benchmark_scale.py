@@ -148,13 +148,13 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_unit(model, family, name, unit, data, config, iters: int, meta_iters: int) -> dict:
+def capture(model, family, name, unit, data, config) -> dict:
+    """What calibrate_model pays per unit before calibrating it: a forward pass up to the unit for its
+    inputs (the FP targets of all units come from one shared pass, about one model forward per sample)."""
     import torch
 
     from diffusers_gaq.calibration.capture import capture_unit
     from diffusers_gaq.calibration.store import CaptureStore
-    from diffusers_gaq.calibration.reconstruction import UnitProblem, harden, init_quantizers, reconstruct, start_rounding
-    from diffusers_gaq.calibration.weighting import learn_scores
     from diffusers_gaq.models.wrap import set_quant_state
 
     bs = config.recon_batch_size
@@ -163,8 +163,6 @@ def time_unit(model, family, name, unit, data, config, iters: int, meta_iters: i
            "params": sum(p.numel() for n, p in unit.named_parameters() if n.endswith("layer.weight"))}
     t = time.perf_counter()
     set_quant_state(model, weight=False, act=False)
-    # What calibrate_model pays per unit: a forward pass up to the unit for its inputs (the FP
-    # targets of all units come from one shared pass, about one model forward per sample).
     store = CaptureStore(config.capture_memory_bytes)  # as calibrate_model keeps them
     inputs = capture_unit(model, unit, data, family, bs, "inputs", store=store)
     row["capture_s_per_sample"] = (time.perf_counter() - t) / len(data)
@@ -172,7 +170,20 @@ def time_unit(model, family, name, unit, data, config, iters: int, meta_iters: i
         targets = torch.cat([unit(*a, **k).cpu() for a, k in (inputs.select(torch.arange(i, min(i + bs, len(data))),
                                                                             device)
                                                               for i in range(0, len(data), bs))])
-    problem = UnitProblem(name, unit, inputs, targets, device)
+    return {"row": row, "unit": unit, "inputs": inputs, "targets": targets, "store": store, "device": device}
+
+
+def calibrate_timed(got: dict, data, config, iters: int, meta_iters: int) -> dict:
+    """Quantizer initialisation, ``meta_iters`` meta steps and ``iters`` reconstruction steps of a
+    captured unit, each timed."""
+    import torch
+
+    from diffusers_gaq.calibration.reconstruction import UnitProblem, harden, init_quantizers, reconstruct, start_rounding
+    from diffusers_gaq.calibration.weighting import learn_scores
+    from diffusers_gaq.models.wrap import set_quant_state
+
+    row, unit, device = got["row"], got["unit"], got["device"]
+    problem = UnitProblem(row["unit"], unit, got["inputs"], got["targets"], device)
     train_idx = data.train_indices
     t = time.perf_counter()
     init_quantizers(problem, train_idx, config)
@@ -187,6 +198,7 @@ def time_unit(model, family, name, unit, data, config, iters: int, meta_iters: i
                      torch.Generator().manual_seed(0), progress=False)
         sync(device)
         row["meta_s_per_iter"] = (time.perf_counter() - t) / meta_iters
+    row["peak_rss_bytes_after_meta"] = peak_rss_bytes()
     t = time.perf_counter()
     reconstruct(problem, train_idx, torch.ones(len(train_idx)), config.replace(recon_iters=iters),
                 torch.Generator().manual_seed(0), progress=False)
@@ -195,10 +207,14 @@ def time_unit(model, family, name, unit, data, config, iters: int, meta_iters: i
     row["recon_s_per_1k"] = 1000 * row["recon_s_per_iter"]
     harden(problem)
     set_quant_state(unit, weight=True, act=True)
-    del problem, inputs, targets
-    store.close()
+    got["store"].close()
+    got.clear()
     row["peak_rss_bytes_after"] = peak_rss_bytes()  # the process's peak so far: which unit set it
     return row
+
+
+def time_unit(model, family, name, unit, data, config, iters: int, meta_iters: int) -> dict:
+    return calibrate_timed(capture(model, family, name, unit, data, config), data, config, iters, meta_iters)
 
 
 def checkpoint_ratio(model, family, config, wrap, fp_bytes: int) -> dict:
@@ -287,12 +303,21 @@ def worker(args) -> dict:
         row["forward_samples"] = fwd
     chosen = pick_units(units, family, args.units, args.unit_names.split(",") if args.unit_names else None)
     row["timed_units"] = []
+    if args.drop_model:
+        # Hand the only references over: the unit list holds (nearly) every weight of the model.
+        holder = [model]
+        del model, units, wrap
+        return drop_model_timing(row, args, holder, family, chosen, data, config)
     deadline = time.perf_counter() + args.unit_budget_s
+    no_meta = set(filter(None, args.no_meta_units.split(",")))
     for name, unit in chosen:
         if time.perf_counter() > deadline:
             row["units_skipped_for_time"] = row.get("units_skipped_for_time", 0) + 1
             continue
-        row["timed_units"].append(time_unit(model, family, name, unit, data, config, args.iters, args.meta_iters))
+        timed = time_unit(model, family, name, unit, data, config, args.iters, 0 if name in no_meta else args.meta_iters)
+        if name in no_meta:
+            timed["meta_skipped"] = NO_META_REASON
+        row["timed_units"].append(timed)
         print(f"  {args.worker} {name}: {row['timed_units'][-1]['recon_s_per_iter']:.3f} s/iter", file=sys.stderr,
               flush=True)
     row.update(checkpoint_ratio(model, family, config, wrap, fp_bytes))
@@ -300,6 +325,53 @@ def worker(args) -> dict:
     if device.type == "cuda":
         row["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     return row
+
+
+def drop_model_timing(row, args, holder: list, family, chosen, data, config) -> dict:
+    """``--drop-model``: for a model whose FP32 weights alone fill most of the memory (SDXL, 10.3 GB): capture
+    every chosen unit's inputs with the whole model, then free the model except those units and calibrate
+    them alone; the checkpoint size comes from a fresh build afterwards. The row's ``peak_rss_bytes`` is
+    then the larger of "model + captures" and "one unit's calibration", not their sum (a calibration that
+    keeps the model resident adds the two; calibrate_model does)."""
+    import gc
+
+    import torch
+
+    from diffusers_gaq.models.wrap import wrap_model
+
+    model = holder.pop()
+    got = []
+    for name, unit in chosen:
+        got.append(capture(model, family, name, unit, data, config))
+        print(f"  {args.worker} {name}: captured", file=sys.stderr, flush=True)
+    row["peak_rss_bytes_model_and_captures"] = peak_rss_bytes()
+    del model, chosen[:]  # the captured units stay referenced by ``got``, the rest of the model is freed
+    gc.collect()
+    row["rss_bytes_units_only"] = current_rss_bytes()
+    no_meta = set(filter(None, args.no_meta_units.split(",")))
+    for g in got:
+        meta = 0 if g["row"]["unit"] in no_meta else args.meta_iters
+        if not meta:
+            g["row"]["meta_skipped"] = NO_META_REASON
+        row["timed_units"].append(calibrate_timed(g, data, config, args.iters, meta))
+        print(f"  {args.worker} {row['timed_units'][-1]['unit']}: {row['timed_units'][-1]['recon_s_per_iter']:.3f} "
+              "s/iter", file=sys.stderr, flush=True)
+    del got
+    gc.collect()
+    with torch.device(args.device):
+        fresh = build(args.worker).eval().requires_grad_(False)
+    wrap = wrap_model(fresh, config, family)
+    row.update(checkpoint_ratio(fresh, family, config, wrap, row["fp32_bytes"]))
+    row["peak_rss_bytes"] = peak_rss_bytes()
+    row["drop_model"] = True
+    return row
+
+
+def current_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def project_paper_budget(row: dict) -> dict | None:
@@ -329,7 +401,7 @@ def print_table(rows: list[dict]) -> None:
             print(f"{r['model']:<18} failed: {r['error']}")
             continue
         per_1k = [u["recon_s_per_1k"] for u in r["timed_units"]]
-        meta = [u.get("meta_s_per_iter", float("nan")) for u in r["timed_units"]]
+        meta = [u["meta_s_per_iter"] for u in r["timed_units"] if "meta_s_per_iter" in u]
         span = f"{min(per_1k):.0f}-{max(per_1k):.0f} (mean {sum(per_1k) / len(per_1k):.0f})" if per_1k else "-"
         meta_s = f"{sum(meta) / len(meta):.2f}" if meta else "-"
         print(f"{r['model']:<18} {r['params'] / 1e6:7.1f}M {r['wrap_s']:7.2f} {r['units']:6d} {len(per_1k):6d} "
@@ -356,6 +428,13 @@ DEFAULT_UNITS = {
     "sdxl-unet": "down_blocks.0.resnets.0,down_blocks.1.attentions.0.transformer_blocks.0,"
                  "down_blocks.2.attentions.0.transformer_blocks.0",
 }
+# The meta step differentiates through its own gradient step (create_graph): its graph keeps every
+# (sample, head) slice of every attention map of the minibatch and the validation samples at once, which
+# chunking cannot bound; at 64x64 (4096 tokens) that is 64 MB per slice and copy, tens of GB at minibatch 8.
+NO_META_REASON = "meta step not run: its second-order graph keeps every 4096x4096 attention slice (no bound)"
+NO_META_UNITS = {"sdxl-unet": "down_blocks.1.attentions.0.transformer_blocks.0"}
+# Models calibrated without the rest of the model resident on a CPU (see drop_model_timing).
+DROP_MODEL = ("sdxl-unet",)
 # SDXL's forward costs minutes per sample on one CPU thread: its per-sample forward time is measured on one.
 FORWARD_SAMPLES = {"sdxl-unet": 1}
 
@@ -375,6 +454,9 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=900, help="per-model subprocess limit")
     parser.add_argument("--max-memory-gib", type=float, default=16.0,
                         help="GradientAlignedQuantizer.max_calibration_memory_gib (attention chunks, capture store)")
+    parser.add_argument("--no-meta-units", default="", help="comma-separated timed units whose meta step is not run")
+    parser.add_argument("--drop-model", action="store_true", help="capture with the model, then calibrate the timed "
+                        "units without it (default for SDXL: its FP32 weights are 10.3 GB)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the GPU check runs it on cuda)")
     parser.add_argument("--forward-samples", type=int, default=0, help="samples of the timed FP forward (0: --batch)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -390,6 +472,11 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", name, "--threads", str(args.threads), "--iters", str(args.iters),
                "--meta-iters", str(args.meta_iters), "--max-memory-gib", str(args.max_memory_gib),
                "--forward-samples", str(args.forward_samples or FORWARD_SAMPLES.get(name, 0)), "--device", args.device]
+        no_meta = args.no_meta_units or (NO_META_UNITS.get(name, "") if args.device == "cpu" else "")
+        if no_meta:
+            cmd += ["--no-meta-units", no_meta]
+        if args.drop_model or (name in DROP_MODEL and args.device == "cpu"):
+            cmd.append("--drop-model")
         if name == "ddpm-cifar10-32":  # every unit: the projection sums measurements (minibatch 16, scaled to 32)
             cmd += ["--batch", "16", "--units", "1000", "--unit-budget-s", str(2 * args.unit_budget_s)]
         else:
