@@ -431,7 +431,8 @@ DEFAULT_UNITS = {
 # The meta step differentiates through its own gradient step (create_graph): its graph keeps every
 # (sample, head) slice of every attention map of the minibatch and the validation samples at once, which
 # chunking cannot bound; at 64x64 (4096 tokens) that is 64 MB per slice and copy, tens of GB at minibatch 8.
-NO_META_REASON = "meta step not run: its second-order graph keeps every 4096x4096 attention slice (no bound)"
+NO_META_REASON = ("meta step not run: its second-order graph keeps every attention slice of the minibatch and the "
+                  "validation samples at once (chunking does not bound it)")
 NO_META_UNITS = {"sdxl-unet": "down_blocks.1.attentions.0.transformer_blocks.0"}
 # Models calibrated without the rest of the model resident on a CPU (see drop_model_timing).
 DROP_MODEL = ("sdxl-unet",)
