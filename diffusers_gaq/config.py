@@ -9,9 +9,9 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
+from .config_files import read_config_fields, sorted_fields  # noqa: F401 - re-exported
 from .files import atomic_write_text
 
 # Precision tags live in precision.py, presets in presets.py; re-exported here, where users look for them.
@@ -99,6 +99,15 @@ class GradientAlignedQuantizer:
         inner_lr times its norm; inner_lr <= 1) | "adam" (as long as the reconstruction optimiser's
         first step; inner_lr unused); omega_granularity "sample" (N weights) | "timestep" (one weight
         per calibration timestep, shared by its samples).
+
+    Memory
+        max_calibration_memory_gib: what calibration may hold beyond the model itself, in GiB (None:
+        no bound). Half of it is for the captured inputs and FP targets of the unit being calibrated
+        (the whole calibration set; beyond that they go to a disk-backed store in a temporary folder
+        and are read back per minibatch); a sixteenth is the working set of one chunk of a quantized
+        attention map (computed a chunk of (sample, head) slices at a time under activation
+        checkpointing). Neither changes a single bit of the result. The default, 16, leaves room on a
+        24 GB device for Stable Diffusion 1.5's UNet at minibatch 8.
     Run
         seed; device (None: cuda when available, else cpu).
     """
@@ -170,6 +179,8 @@ class GradientAlignedQuantizer:
     # Classifier-free guidance of the calibration trajectories (DiT, Stable Diffusion): None takes the
     # pipeline's default (4.0 DiT, 7.5 SD); <= 1 turns guidance off (conditional inputs only).
     guidance_scale: float | None = None
+
+    max_calibration_memory_gib: float | None = 16.0
 
     seed: int = 0
     device: str | None = None
@@ -257,6 +268,8 @@ class GradientAlignedQuantizer:
                        "relative to each tensor's norm)")
         self._float("meta_lr", 0.0)
         self._validate_family_fields()
+        if self.max_calibration_memory_gib is not None:
+            self._float("max_calibration_memory_gib", 0.0, lo_open=True)
         self._int("seed", 0, 2**32 - 1)
         if self.device is not None:
             if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
@@ -332,6 +345,20 @@ class GradientAlignedQuantizer:
         return self.act_bits is not None or any(parse_precision(t)[1] is not None for t in tags)
 
     @property
+    def capture_memory_bytes(self) -> int | None:
+        """Bytes of captured unit inputs and FP targets kept in memory before the disk-backed store."""
+        if self.max_calibration_memory_gib is None:
+            return None
+        return int(self.max_calibration_memory_gib * 2**30) // 2
+
+    @property
+    def attention_chunk_bytes(self) -> int | None:
+        """Working set of one chunk of a quantized attention map (QuantAttentionCore.max_chunk_bytes)."""
+        if self.max_calibration_memory_gib is None:
+            return None
+        return int(self.max_calibration_memory_gib * 2**30) // 16
+
+    @property
     def tag(self) -> str:
         return f"w{self.weight_bits}a{self.act_bits if self.act_bits else 32}"
 
@@ -379,29 +406,6 @@ class GradientAlignedQuantizer:
 
     def replace(self, **changes) -> "GradientAlignedQuantizer":
         return dataclasses.replace(self, **changes)
-
-
-def read_config_fields(path: str | os.PathLike) -> dict[str, Any]:
-    """The fields a config file sets, as written (not validated): the JSON object itself, or the
-    ``"config"`` object of a quantization_config.json. Errors name the file and the problem."""
-    try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e}); save it as UTF-8 JSON") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if isinstance(data, dict) and isinstance(data.get("config"), dict):
-        data = data["config"]
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object of GradientAlignedQuantizer "
-                         'fields (e.g. {"weight_bits": 4, "act_bits": 8})')
-    return data
-
-
-def sorted_fields(d: dict) -> dict:
-    """``d`` with its keys sorted, one level deep: json's sort_keys would also reorder
-    layer_precision, whose order decides which pattern wins."""
-    return {k: d[k] for k in sorted(d)}
 
 
 __all__ = ["GradientAlignedQuantizer", "CONFIG_NAME", "parse_precision", "precision_tag", "sorted_fields"]

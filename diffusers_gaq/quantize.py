@@ -52,8 +52,9 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
 
     Supported (see ``models/``): DDIMPipeline, DDPMPipeline and LDMPipeline (UNet2DModel),
     ClassConditionalDDIMPipeline (class-conditional UNet2DModel), DiTPipeline
-    (DiTTransformer2DModel / Transformer2DModel, the ``transformer``) and StableDiffusionPipeline
-    (UNet2DConditionModel). Only the denoiser is quantized: text encoders and VAEs stay in full
+    (DiTTransformer2DModel / Transformer2DModel, the ``transformer``), StableDiffusionPipeline
+    (UNet2DConditionModel) and StableDiffusionXLPipeline (UNet2DConditionModel with text_time
+    added conditioning). Only the denoiser is quantized: text encoders and VAEs stay in full
     precision and are shared with the returned pipeline.
 
     The caller's pipeline is left unchanged: its denoiser is copied, the copy's Conv2d / Linear

@@ -187,7 +187,7 @@ def main() -> None:
     p.add_argument("--units", default=",".join(UNITS))
     p.add_argument("--variants", default=None, help="comma-separated names of VARIANTS (default: --variant-set)")
     p.add_argument("--variant-set", choices=sorted(VARIANT_SETS), default="all")
-    p.add_argument("--budget", choices=sorted(BUDGETS), default="demo", help="calibration budget preset (cli.BUDGETS)")
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="demo", help="calibration budget preset (config.BUDGETS)")
     p.add_argument("--recon-iters", type=int, help="override the budget's reconstruction iterations")
     p.add_argument("--meta-iters", type=int, help="override the budget's meta iterations")
     p.add_argument("--threads", type=int, default=1)

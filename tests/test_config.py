@@ -79,6 +79,8 @@ INVALID = [
     ("meta_iters", -1), ("meta_batch_size", 0), ("inner_lr", -1e-2), ("meta_lr", -0.1), ("meta_lr", "0.1"),
     ("seed", -1), ("seed", 2**32), ("seed", 1.5), ("device", 0),
     ("grad_shards", 0), ("grad_shards", 33), ("grad_shards", 2.0),
+    ("max_calibration_memory_gib", 0), ("max_calibration_memory_gib", -2.0), ("max_calibration_memory_gib", "16GB"),
+    ("max_calibration_memory_gib", float("inf")), ("max_calibration_memory_gib", True),
 ]
 
 
@@ -145,7 +147,7 @@ NON_DEFAULT = dict(weight_bits=3, act_bits=None, weight_granularity="per_tensor"
                    num_groups=20, tau=0.3, meta_iters=0, meta_batch_size=9, inner_lr=1e-7, meta_lr=2.5,
                    carry_scores=True, gradient_matching="cosine", inner_step="relative", omega_granularity="timestep",
                    class_labels=(3, 0, 999), calibration_prompts=("a cat", "a red car"),
-                   guidance_scale=2.5, seed=2**32 - 1, device="cpu")
+                   guidance_scale=2.5, max_calibration_memory_gib=0.75, seed=2**32 - 1, device="cpu")
 
 
 def test_non_default_covers_every_field():
@@ -282,6 +284,7 @@ def valid_kwargs(draw):
         class_labels=tuple(draw(st.lists(st.integers(0, 2000), max_size=4))),
         calibration_prompts=tuple(draw(st.lists(st.text(min_size=1, max_size=12).filter(str.strip), max_size=3))),
         guidance_scale=draw(st.none() | _nonneg_float(20.0)),
+        max_calibration_memory_gib=draw(st.none() | _pos_float(1e4)),
         seed=draw(st.integers(0, 2**32 - 1)),
         device=draw(st.none() | st.sampled_from(["cpu", "cuda", "cuda:1"])),
     )
@@ -367,6 +370,7 @@ def one_invalid(draw):
         "inner_lr": _bad_float(0.0),
         "meta_lr": _bad_float(0.0),
         "seed": _bad_int(0, 2**32 - 1),
+        "max_calibration_memory_gib": _bad_float(0.0, lo_open=True).filter(lambda v: v is not None),  # None: no bound
         "device": st.integers() | st.floats() | st.booleans(),
         "class_labels": (st.lists(st.integers(max_value=-1) | st.booleans() | st.text(max_size=2) | st.floats(),
                                   min_size=1, max_size=3).map(tuple) | st.none() | st.floats()),

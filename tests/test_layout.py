@@ -17,8 +17,8 @@ MAX_LINES = 420
 # orchestration (quantize, modeling, serialization, hub, checkpointing, distributed, cli).
 ALLOWED = {
     "quant": set(),
-    "models": {"quant", "config", "precision", "presets", "class_conditional_pipeline"},
-    "calibration": {"quant", "models", "config", "precision", "presets", "digests", "files"},
+    "models": {"quant", "config", "config_files", "precision", "presets", "class_conditional_pipeline"},
+    "calibration": {"quant", "models", "config", "config_files", "precision", "presets", "digests", "files"},
 }
 
 

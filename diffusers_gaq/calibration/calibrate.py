@@ -22,6 +22,7 @@ from ..models.timestep_groups import groups_from_data, install_timestep_groups, 
 from ..models.wrap import reconstruction_units, set_quant_state
 from ..quant.quantizers import has_timestep_aware
 from .capture import capture_all_outputs, capture_unit
+from .store import CaptureStore
 from .data import CalibrationData
 from .diagnostics import cosine_matrix, group_gradients, mean_per_step
 from .reconstruction import UnitProblem, harden, init_quantizers, reconstruct, start_rounding
@@ -145,7 +146,10 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
         install_timestep_groups(model, groups_from_data(data, config.num_act_timestep_groups))
         sample_groups = sample_groups_of(data, config.num_act_timestep_groups)
     set_quant_state(model, weight=False, act=False)
-    cached_targets = capture_all_outputs(model, units[start_unit:], data, family, bs, device)
+    # The shared FP pass holds every unit's targets at once: a quarter of the capture budget at most.
+    share = config.capture_memory_bytes
+    cached_targets = capture_all_outputs(model, units[start_unit:], data, family, bs, device,
+                                         max_bytes=2 * 2**30 if share is None else min(2 * 2**30, share // 4))
     all_idx = torch.arange(len(data))
 
     def evaluate(problem):
@@ -156,84 +160,93 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
         return losses[train_idx].mean().item(), val, per_step
 
     bar = tqdm(units, desc=f"calibrating {config.tag}", disable=not progress)
-    for b, (name, unit) in enumerate(bar):
-        if b < start_unit:
-            continue
-        t0 = time.perf_counter()
-        rep = UnitReport(name)
-        # FP target: the whole model in full precision. Input: earlier units quantized, this one not yet.
-        set_quant_state(model, weight=False, act=False)
-        if cached_targets is not None:
-            targets = cached_targets.pop(name)
-        else:
-            targets = capture_unit(model, unit, data, family, bs, "output", device=device)
-        for _, done in units[:b]:
-            set_quant_state(done, weight=True, act=config.quantizes_activations)
-        inputs = capture_unit(model, unit, data, family, bs, "inputs", device=device)
-        problem = UnitProblem(name, unit, inputs, targets, device, sample_groups=sample_groups)
-        init_quantizers(problem, train_idx, config)
-        act_steps = [q.scale.detach().clone() for q in problem.act_quantizers()]  # kept for a fallback
-        rep.loss_init, rep.val_loss_init, rep.step_loss_init = evaluate(problem)
-        omega = torch.ones(len(train_idx))
-        if config.method == "reconstruction":
-            start_rounding(problem)
-            theta = [p for ps in problem.trainable_params(config).values() for p in ps]
-            # theta is empty when nothing in the unit is trainable (e.g. only FP-weight layers, fixed act steps)
-            if gradient_aligned and config.meta_iters > 0 and theta:
-                tm = time.perf_counter()
-                init_scores = scores if config.carry_scores else torch.zeros(n_scores)
-                gen = torch.Generator().manual_seed(config.seed * 1009 + 2 * b + 1)
-                scores, _ = learn_scores(problem, init_scores, train_idx, val_groups, config, gen, progress,
-                                         grad_hook=dist.broadcast_tensor if dist else None, score_index=score_index)
-                scores = scores.cpu()
-                omega = weights_of_samples(scores, config.tau, score_index)
-                rep.meta_seconds = time.perf_counter() - tm
-            if record_conflict and theta:
-                groups = [train_idx[g] for g in train_groups]
-                rep.conflict_before = cosine_matrix(group_gradients(problem, theta, groups))
-                weights = [omega[g] for g in train_groups]
-                rep.conflict_after = cosine_matrix(group_gradients(problem, theta, groups, weights))
-            gen = torch.Generator().manual_seed(config.seed * 1009 + 2 * b)
-            tr = time.perf_counter()
-            try:
-                reconstruct(problem, train_idx, omega, config, gen, progress and (dist is None or dist.is_main),
-                            dist=dist)
-            except FloatingPointError as err:  # non-finite loss: fall back below
-                rep.fallback = f"round-to-nearest ({err})"
-            rep.recon_seconds = time.perf_counter() - tr
-        harden(problem)
-        set_quant_state(unit, weight=True, act=config.quantizes_activations)
-        rep.omega = omega.clone()
-        rep.loss_final, rep.val_loss_final, rep.step_loss_final = evaluate(problem)
-        diverged = not math.isfinite(rep.loss_final) or rep.loss_final > DIVERGENCE_FACTOR * rep.loss_init
-        # Reconstruction that does not lower the held-out loss only fitted the training samples: keep
-        # round-to-nearest (at 8 bits, where rounding is already near its best, this happens).
-        no_gain = (config.keep_rtn_if_no_gain and math.isfinite(rep.val_loss_init)
-                   and rep.val_loss_final >= rep.val_loss_init)
-        if config.method == "reconstruction" and (rep.fallback or diverged or no_gain):
-            if no_gain and not (rep.fallback or diverged):
-                rep.fallback = (f"round-to-nearest (held-out loss {rep.val_loss_final:.4g} after reconstruction vs "
-                                f"{rep.val_loss_init:.4g} at round-to-nearest)")
-            rep.fallback = rep.fallback or (f"round-to-nearest (reconstruction loss {rep.loss_final:.4g} vs "
-                                            f"{rep.loss_init:.4g} at round-to-nearest)")
-            _fall_back_to_nearest(problem, act_steps)
-            rep.loss_final, rep.val_loss_final, rep.step_loss_final = evaluate(problem)
-            if not math.isfinite(rep.loss_final):
-                raise FloatingPointError(f"unit {name}: the loss is {rep.loss_final} even at round-to-nearest; "
-                                         "check the model and the calibration data for NaN/Inf")
-            if not torch.isfinite(scores).all():  # diverged sample weights must not reach the next unit
-                scores = torch.zeros_like(scores)
-            if no_gain and not diverged:
-                logger.info("%s: kept %s", name, rep.fallback)
+    store = CaptureStore()
+    try:
+        for b, (name, unit) in enumerate(bar):
+            if b < start_unit:
+                continue
+            t0 = time.perf_counter()
+            rep = UnitReport(name)
+            # FP target: the whole model in full precision. Input: earlier units quantized, this one not yet.
+            set_quant_state(model, weight=False, act=False)
+            # This unit's captures: in memory up to the budget, the rest on disk (store.py), deleted when
+            # the next unit starts (or the loop ends, however it ends).
+            store.close()
+            store = CaptureStore(config.capture_memory_bytes)
+            if cached_targets is not None:
+                targets = cached_targets.pop(name)
             else:
-                logger.warning("%s: reconstruction diverged, kept %s", name, rep.fallback)
-        rep.seconds = time.perf_counter() - t0
-        report.units.append(rep)
-        logger.info("%s: loss %.4g -> %.4g (val %.4g -> %.4g) in %.1fs", name, rep.loss_init, rep.loss_final,
-                    rep.val_loss_init, rep.val_loss_final, rep.seconds)
-        bar.set_postfix(unit=name, loss=f"{rep.loss_final:.3g}")
-        for hook in hooks:
-            hook(b, scores, report)
+                targets = capture_unit(model, unit, data, family, bs, "output", device=device, store=store)
+            for _, done in units[:b]:
+                set_quant_state(done, weight=True, act=config.quantizes_activations)
+            inputs = capture_unit(model, unit, data, family, bs, "inputs", device=device, store=store)
+            problem = UnitProblem(name, unit, inputs, targets, device, sample_groups=sample_groups)
+            init_quantizers(problem, train_idx, config)
+            act_steps = [q.scale.detach().clone() for q in problem.act_quantizers()]  # kept for a fallback
+            rep.loss_init, rep.val_loss_init, rep.step_loss_init = evaluate(problem)
+            omega = torch.ones(len(train_idx))
+            if config.method == "reconstruction":
+                start_rounding(problem)
+                theta = [p for ps in problem.trainable_params(config).values() for p in ps]
+                # theta is empty when nothing in the unit is trainable (e.g. only FP-weight layers, fixed act steps)
+                if gradient_aligned and config.meta_iters > 0 and theta:
+                    tm = time.perf_counter()
+                    init_scores = scores if config.carry_scores else torch.zeros(n_scores)
+                    gen = torch.Generator().manual_seed(config.seed * 1009 + 2 * b + 1)
+                    scores, _ = learn_scores(problem, init_scores, train_idx, val_groups, config, gen, progress,
+                                             grad_hook=dist.broadcast_tensor if dist else None,
+                                             score_index=score_index)
+                    scores = scores.cpu()
+                    omega = weights_of_samples(scores, config.tau, score_index)
+                    rep.meta_seconds = time.perf_counter() - tm
+                if record_conflict and theta:
+                    groups = [train_idx[g] for g in train_groups]
+                    rep.conflict_before = cosine_matrix(group_gradients(problem, theta, groups))
+                    weights = [omega[g] for g in train_groups]
+                    rep.conflict_after = cosine_matrix(group_gradients(problem, theta, groups, weights))
+                gen = torch.Generator().manual_seed(config.seed * 1009 + 2 * b)
+                tr = time.perf_counter()
+                try:
+                    reconstruct(problem, train_idx, omega, config, gen, progress and (dist is None or dist.is_main),
+                                dist=dist)
+                except FloatingPointError as err:  # non-finite loss: fall back below
+                    rep.fallback = f"round-to-nearest ({err})"
+                rep.recon_seconds = time.perf_counter() - tr
+            harden(problem)
+            set_quant_state(unit, weight=True, act=config.quantizes_activations)
+            rep.omega = omega.clone()
+            rep.loss_final, rep.val_loss_final, rep.step_loss_final = evaluate(problem)
+            diverged = not math.isfinite(rep.loss_final) or rep.loss_final > DIVERGENCE_FACTOR * rep.loss_init
+            # Reconstruction that does not lower the held-out loss only fitted the training samples: keep
+            # round-to-nearest (at 8 bits, where rounding is already near its best, this happens).
+            no_gain = (config.keep_rtn_if_no_gain and math.isfinite(rep.val_loss_init)
+                       and rep.val_loss_final >= rep.val_loss_init)
+            if config.method == "reconstruction" and (rep.fallback or diverged or no_gain):
+                if no_gain and not (rep.fallback or diverged):
+                    rep.fallback = (f"round-to-nearest (held-out loss {rep.val_loss_final:.4g} after reconstruction vs "
+                                    f"{rep.val_loss_init:.4g} at round-to-nearest)")
+                rep.fallback = rep.fallback or (f"round-to-nearest (reconstruction loss {rep.loss_final:.4g} vs "
+                                                f"{rep.loss_init:.4g} at round-to-nearest)")
+                _fall_back_to_nearest(problem, act_steps)
+                rep.loss_final, rep.val_loss_final, rep.step_loss_final = evaluate(problem)
+                if not math.isfinite(rep.loss_final):
+                    raise FloatingPointError(f"unit {name}: the loss is {rep.loss_final} even at round-to-nearest; "
+                                             "check the model and the calibration data for NaN/Inf")
+                if not torch.isfinite(scores).all():  # diverged sample weights must not reach the next unit
+                    scores = torch.zeros_like(scores)
+                if no_gain and not diverged:
+                    logger.info("%s: kept %s", name, rep.fallback)
+                else:
+                    logger.warning("%s: reconstruction diverged, kept %s", name, rep.fallback)
+            rep.seconds = time.perf_counter() - t0
+            report.units.append(rep)
+            logger.info("%s: loss %.4g -> %.4g (val %.4g -> %.4g) in %.1fs", name, rep.loss_init, rep.loss_final,
+                        rep.val_loss_init, rep.val_loss_final, rep.seconds)
+            bar.set_postfix(unit=name, loss=f"{rep.loss_final:.3g}")
+            for hook in hooks:
+                hook(b, scores, report)
+    finally:
+        store.close()
     set_quant_state(model, weight=True, act=config.quantizes_activations)
     report.calibration_seconds = time.perf_counter() - started
     return report

@@ -11,21 +11,29 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .store import CaptureStore, DiskRows
+
 
 class _StopForward(Exception):
     pass
 
 
+def _is_rows(v) -> bool:
+    """A per-sample table: a batch-first tensor, or a disk-backed one."""
+    return isinstance(v, DiskRows) or (isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
 @dataclass
 class UnitInputs:
-    """A unit's call arguments for every calibration sample (tensors stacked on dim 0)."""
+    """A unit's call arguments for every calibration sample (tables of rows: CPU tensors stacked on
+    dim 0, or disk-backed :class:`~diffusers_gaq.calibration.store.DiskRows`)."""
 
     args: tuple
     kwargs: dict
 
     def select(self, idx: torch.Tensor, device: torch.device | None = None):
         def pick(v):
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
+            if _is_rows(v):
                 v = v[idx]
                 return v.to(device) if device is not None else v
             return v
@@ -34,34 +42,62 @@ class UnitInputs:
 
     def __len__(self) -> int:
         for v in list(self.args) + list(self.kwargs.values()):
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
+            if _is_rows(v):
                 return len(v)
         return 0
 
 
-def _stack(parts: list):
-    first = parts[0]
-    if isinstance(first, torch.Tensor) and first.dim() > 0:
-        return torch.cat(parts)
-    return first  # non-tensor (or scalar) arguments are the same in every batch
+class _Collector:
+    """Writes each captured batch of one argument into its table as it arrives."""
+
+    def __init__(self, store: CaptureStore, rows: int, what: str):
+        self.store, self.rows, self.what = store, rows, what
+        self.table = None
+        self.first = None  # non-tensor (or scalar) arguments: the same in every batch
+        self.filled = 0
+
+    def add(self, value) -> None:
+        if not (isinstance(value, torch.Tensor) and value.dim() > 0):
+            if self.filled == 0:
+                self.first = value
+            self.filled += 1
+            return
+        if self.table is None:
+            self.table = self.store.new_rows(self.rows, tuple(value.shape[1:]), value.dtype, self.what)
+        self.table.write(self.filled, value)
+        self.filled += len(value)
+
+    def result(self):
+        return self.first if self.table is None else self.store.finish(self.table)
 
 
 @torch.no_grad()
 def capture_unit(model: nn.Module, unit: nn.Module, data, family, batch_size: int, what: str,
-                 indices: torch.Tensor | None = None, device: torch.device | None = None):
+                 indices: torch.Tensor | None = None, device: torch.device | None = None,
+                 store: CaptureStore | None = None):
     """Run ``model`` on calibration samples up to ``unit``; return its inputs (``what="inputs"``,
-    a :class:`UnitInputs` on CPU) or its output (``what="output"``, a CPU tensor)."""
+    a :class:`UnitInputs`) or its output (``what="output"``), as CPU tensors, or as disk-backed
+    tables once ``store`` (a :class:`CaptureStore`, holding its memory budget) says they do not fit."""
     device = device or next(model.parameters()).device
     indices = torch.arange(len(data)) if indices is None else indices
-    got_args, got_kwargs, got_out = [], [], []
+    store = store or CaptureStore()
+    n = len(indices)
+    got_args: list[_Collector] = []
+    got_kwargs: dict[str, _Collector] = {}
+    got_out = _Collector(store, n, f"outputs of {type(unit).__name__}")
 
     def pre_hook(mod, args, kwargs):
-        got_args.append(tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
-        got_kwargs.append({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        if not got_args and not got_kwargs:
+            got_args.extend(_Collector(store, n, f"input {i} of {type(unit).__name__}") for i in range(len(args)))
+            got_kwargs.update({k: _Collector(store, n, f"input {k!r} of {type(unit).__name__}") for k in kwargs})
+        for c, a in zip(got_args, args):
+            c.add(a)
+        for k, v in kwargs.items():
+            got_kwargs[k].add(v)
         raise _StopForward
 
     def post_hook(mod, args, kwargs, output):
-        got_out.append(output.cpu())
+        got_out.add(output)
         raise _StopForward
 
     if what == "inputs":
@@ -71,7 +107,7 @@ def capture_unit(model: nn.Module, unit: nn.Module, data, family, batch_size: in
     else:
         raise ValueError(f"what must be 'inputs' or 'output', got {what!r}")
     try:
-        for start in range(0, len(indices), batch_size):
+        for start in range(0, n, batch_size):
             idx = indices[start : start + batch_size]
             cond = {k: v[idx].to(device) for k, v in data.conditioning.items()}
             try:
@@ -83,10 +119,8 @@ def capture_unit(model: nn.Module, unit: nn.Module, data, family, batch_size: in
     finally:
         handle.remove()
     if what == "output":
-        return torch.cat(got_out)
-    args = tuple(_stack([a[i] for a in got_args]) for i in range(len(got_args[0])))
-    kwargs = {k: _stack([kw[k] for kw in got_kwargs]) for k in got_kwargs[0]}
-    return UnitInputs(args, kwargs)
+        return got_out.result()
+    return UnitInputs(tuple(c.result() for c in got_args), {k: c.result() for k, c in got_kwargs.items()})
 
 
 @torch.no_grad()

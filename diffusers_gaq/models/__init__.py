@@ -10,12 +10,14 @@ from .base import CalibrationConditioning, ModelFamily
 from .dit import DiTFamily
 from .unet2d import UNet2DFamily
 from .unet2d_condition import UNet2DConditionFamily
+from .unet2d_condition_xl import UNet2DConditionXLFamily
 
-FAMILIES: tuple[type[ModelFamily], ...] = (UNet2DFamily, DiTFamily, UNet2DConditionFamily)
+# SDXL before Stable Diffusion: both take UNet2DConditionModel, SDXL's only with addition_embed_type="text_time".
+FAMILIES: tuple[type[ModelFamily], ...] = (UNet2DFamily, DiTFamily, UNet2DConditionXLFamily, UNet2DConditionFamily)
 
 
 def supported_models() -> list[str]:
-    return [cls.__name__ for f in FAMILIES for cls in f.model_classes]
+    return list(dict.fromkeys(cls.__name__ for f in FAMILIES for cls in f.model_classes))  # SD and SDXL share one
 
 
 def family_for(model: nn.Module) -> type[ModelFamily]:
@@ -42,8 +44,11 @@ def denoiser_of(pipe) -> tuple[type[ModelFamily], str, nn.Module]:
                 raise TypeError(f"{type(pipe).__name__} has no {family.component}; nothing to quantize")
             found = family_for(model)
             if found is not family:
-                raise TypeError(f"{type(pipe).__name__}.{family.component} is a {type(model).__name__}; this pipeline "
-                                f"is supported with {', '.join(c.__name__ for c in family.model_classes)}")
+                sampled_by = ", ".join(p.__name__ for p in found.pipeline_classes())
+                raise TypeError(f"{type(pipe).__name__}.{family.component} is a {type(model).__name__} of the "
+                                f"{found.name} family, which this package quantizes inside {sampled_by}; this "
+                                f"pipeline is supported with {', '.join(c.__name__ for c in family.model_classes)} "
+                                f"of the {family.name} family")
             family.check_pipeline(pipe, model)
             return family, family.component, model
     # Named only here: listing every family's pipeline class imports StableDiffusionPipeline, which

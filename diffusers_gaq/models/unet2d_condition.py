@@ -45,7 +45,8 @@ DEFAULT_CALIBRATION_PROMPTS = (
 _UNSUPPORTED = {
     "class_embed_type": "class embeddings",
     "num_class_embeds": "class embeddings",
-    "addition_embed_type": "added conditioning (SDXL-style text_time / image embeddings)",
+    # "text_time" (SDXL) is the SDXL family's (unet2d_condition_xl.py); the others stay unsupported.
+    "addition_embed_type": "added conditioning other than SDXL's text_time (text / image embeddings)",
     "time_cond_proj_dim": "a guidance-embedding timestep condition (LCM-style)",
     "encoder_hid_dim_type": "an encoder_hidden_states projection",
 }
@@ -64,7 +65,8 @@ class UNet2DConditionFamily(ModelFamily):
             raise NotImplementedError(
                 f"UNet2DConditionModel with {', '.join(f'{k}={model.config.get(k)!r}' for k in used)} "
                 f"({'; '.join(sorted(set(used.values())))}) is not supported; supported: Stable Diffusion 1.x / 2.x "
-                "style UNet2DConditionModel conditioned on encoder_hidden_states only")
+                "style UNet2DConditionModel conditioned on encoder_hidden_states only (StableDiffusionPipeline), and "
+                "the SDXL UNet with addition_embed_type='text_time' (StableDiffusionXLPipeline)")
 
     @classmethod
     def pipeline_classes(cls) -> tuple[type, ...]:

@@ -135,7 +135,8 @@ def _wrap_attention(model: nn.Module, config: GradientAlignedQuantizer, report: 
         # A core outside any reconstruction unit would never be calibrated: units are made of wrapped layers.
         holds_wrapped = any(isinstance(m, QuantLayer) for m in module.modules())
         if act_bits and holds_wrapped:
-            core = QuantAttentionCore(act_bits, num_groups=act_groups_for(name, config), **act_kwargs)
+            core = QuantAttentionCore(act_bits, num_groups=act_groups_for(name, config),
+                                      max_chunk_bytes=config.attention_chunk_bytes, **act_kwargs)
             module.set_processor(QuantAttnProcessor(module.processor, core))
             report.attention.append(name)
 

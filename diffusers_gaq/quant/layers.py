@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .quantizers import ActQuantizer, WeightQuantizer
+from .quantizers import ActQuantizer, WeightQuantizer, fake_quantize
 
 
 class QuantLayer(nn.Module):
@@ -92,11 +93,57 @@ class QuantLinear(QuantLayer):
         return self.layer.out_features
 
 
+# Temporaries of one (sample, head) slice of the attention map alive at once in a chunk's forward and
+# backward: scores, probabilities, x / s, its rounding, the clamped codes, the quantized probabilities
+# and the incoming gradient, with margin. The chunk size divides the memory budget by this.
+ATTENTION_WORKING_COPIES = 8
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient. The gradient of k (or q, v) is one
+    strided tensor when the attention runs whole and a concatenation when it runs in chunks; the
+    quantizer's step-size gradient reduces it, and a reduction's float order follows the memory
+    layout, so the layout is made the same either way."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _chunk_attention(q, k, v, scale: float, mask, step, zero_point, bits: int):
+    """softmax(q k^T * scale + mask) quantized with (step, zero_point), times v, for a chunk of
+    (sample, head) rows. Pure: every tensor comes in as an argument, so the recomputation of a
+    checkpointed chunk in the backward pass sees the same parameters (also under functional_call)."""
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask
+    probs = scores.softmax(dim=-1)
+    if step is not None:
+        probs = fake_quantize(probs, step, zero_point, bits)
+    return probs @ v
+
+
 class QuantAttentionCore(nn.Module):
-    """softmax(Q K^T * scale) V with quantized Q, K, V and probabilities (unsigned)."""
+    """softmax(Q K^T * scale) V with quantized Q, K, V and probabilities (unsigned).
+
+    Bounded memory: with ``max_chunk_bytes`` set, the (sample, head) slices of the attention map are
+    computed a chunk at a time, each chunk under activation checkpointing (only its inputs are kept;
+    the backward recomputes it), so the map never exists whole. Slices are independent — softmax
+    normalises rows, and the gradients of q, k and v of a slice depend on that slice alone — so the
+    chunked result equals the whole computation bit for bit, forward and backward. The one sum across
+    slices, the gradient of the probabilities' learned step size, is made order-independent by
+    giving every slice its own (broadcast) copy of the step: each slice's contribution is reduced
+    over that slice alone and the slices' contributions are summed in one reduction, whichever
+    chunking produced them. (Chunking over query rows inside a slice would make the gradients of k,
+    v and the step sums over chunks, whose float order depends on the chunk size.)
+    """
 
     def __init__(self, bits: int, prob_bits: int | None = None, momentum: float = 0.95, symmetric: bool = False,
-                 range_method: str = "ema", num_groups: int = 1):
+                 range_method: str = "ema", num_groups: int = 1, max_chunk_bytes: int | None = None):
         super().__init__()
         kw = dict(momentum=momentum, range_method=range_method, num_groups=num_groups)
         self.q_quantizer = ActQuantizer(bits, symmetric=symmetric, **kw)
@@ -104,15 +151,67 @@ class QuantAttentionCore(nn.Module):
         self.v_quantizer = ActQuantizer(bits, symmetric=symmetric, **kw)
         self.prob_quantizer = ActQuantizer(prob_bits or bits, unsigned=True, **kw)
         self.use_act_quant = False
+        self.max_chunk_bytes = max_chunk_bytes  # None: the whole attention map at once
 
     def act_quantizers(self) -> list[ActQuantizer]:
         return [self.q_quantizer, self.k_quantizer, self.v_quantizer, self.prob_quantizer]
 
+    def chunk_rows(self, rows: int, q_tokens: int, k_tokens: int, element_size: int) -> int:
+        """(sample, head) slices per chunk under ``max_chunk_bytes`` (at least one)."""
+        if self.max_chunk_bytes is None:
+            return rows
+        per_slice = ATTENTION_WORKING_COPIES * q_tokens * k_tokens * element_size
+        return max(1, min(rows, self.max_chunk_bytes // per_slice))
+
     def forward(self, q, k, v, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """q, k, v: [batch, heads, tokens, head_dim]."""
+        """q, k, v: [batch, heads, tokens, head_dim]; mask broadcastable to [batch, heads, q tokens, k tokens]."""
         q, k, v = self.q_quantizer(q), self.k_quantizer(k), self.v_quantizer(v)
-        scores = (q @ k.transpose(-1, -2)) * scale
+        batch, heads, tq, dh = q.shape
+        tk = k.shape[2]
+        rows = batch * heads
+        # [batch * heads, tokens, head_dim]: sample-major rows, what timestep-aware quantizers expect.
+        qf, kf, vf = (_ContiguousGrad.apply(t.reshape(rows, t.shape[2], t.shape[3])) for t in (q, k, v))
+        maskf = None
         if mask is not None:
-            scores = scores + mask
-        probs = self.prob_quantizer(scores.softmax(dim=-1))
-        return probs @ v
+            maskf = mask.expand(batch, heads, mask.shape[-2], mask.shape[-1]).reshape(rows, mask.shape[-2], tk)
+        pq = self.prob_quantizer
+        step = zero_point = None
+        if pq.observing:
+            out = self._observe(qf, kf, vf, scale, maskf, rows, tq, tk)
+        else:
+            if bool(pq.initialized):
+                step, zero_point = pq.step_per_row(rows)
+            out = self._compute(qf, kf, vf, scale, maskf, step, zero_point, pq.bits, rows, tq, tk)
+        return out.reshape(batch, heads, tq, v.shape[-1])
+
+    def _compute(self, q, k, v, scale, mask, step, zero_point, bits, rows, tq, tk):
+        n = self.chunk_rows(rows, tq, tk, q.element_size())
+        if n >= rows:
+            return _chunk_attention(q, k, v, scale, mask, step, zero_point, bits)
+        outs = []
+        for start in range(0, rows, n):
+            sl = slice(start, start + n)
+            args = (q[sl], k[sl], v[sl], scale, None if mask is None else mask[sl],
+                    None if step is None else step[sl], None if zero_point is None else zero_point[sl], bits)
+            if torch.is_grad_enabled():
+                outs.append(checkpoint(_chunk_attention, *args, use_reentrant=False))
+            else:
+                outs.append(_chunk_attention(*args))
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def _observe(self, q, k, v, scale, mask, rows, tq, tk):
+        """Observing pass: the probability quantizer sees every chunk's probabilities as one tensor
+        (ActQuantizer.observe_parts: the statistics of the whole map, not an EMA over chunks)."""
+        n = self.chunk_rows(rows, tq, tk, q.element_size())
+        parts, outs = [], []
+        for start in range(0, rows, n):
+            sl = slice(start, start + n)
+            scores = (q[sl] @ k[sl].transpose(-1, -2)) * scale
+            if mask is not None:
+                scores = scores + mask[sl]
+            probs = scores.softmax(dim=-1)
+            parts.append(self.prob_quantizer.part_summary(probs, start, rows))
+            outs.append(probs @ v[sl])
+        self.prob_quantizer.observe_parts(parts)
+        return torch.cat(outs)

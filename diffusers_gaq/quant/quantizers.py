@@ -167,8 +167,15 @@ def _subsample(x: torch.Tensor, k: int) -> torch.Tensor:
     flat = x.detach().flatten().float()
     if flat.numel() <= k:
         return flat
-    idx = torch.linspace(0, flat.numel() - 1, k, device=flat.device).long()
-    return torch.cat([flat[idx], flat.min().reshape(1), flat.max().reshape(1)])
+    return torch.cat([flat[_strided_indices(flat.numel(), k, flat.device)], flat.min().reshape(1),
+                      flat.max().reshape(1)])
+
+
+def _strided_indices(n: int, k: int, device) -> torch.Tensor:
+    """k evenly strided indices into n values. The float32 linspace rounds n - 1 up past the end for
+    some n > 2^24 (a minibatch of 8 at Stable Diffusion's size); clamping fixes that and leaves every
+    index that was in range as it was."""
+    return torch.linspace(0, n - 1, k, device=device).long().clamp_(max=n - 1)
 
 
 @torch.no_grad()
@@ -248,7 +255,11 @@ class ActQuantizer(nn.Module):
 
     @torch.no_grad()
     def _observe_group(self, g: int, x: torch.Tensor) -> None:
-        lo, hi = x.min().float(), x.max().float()
+        pool = _subsample(x, self.POOL) if self.range_method in ("percentile", "mse") else None
+        self._record(g, x.min().float(), x.max().float(), pool)
+
+    @torch.no_grad()
+    def _record(self, g: int, lo: torch.Tensor, hi: torch.Tensor, pool: torch.Tensor | None) -> None:
         rmin, rmax = self.running_min.view(-1), self.running_max.view(-1)
         if not torch.isfinite(rmin[g]):
             rmin[g], rmax[g] = lo, hi
@@ -257,8 +268,8 @@ class ActQuantizer(nn.Module):
             rmax[g] = self.momentum * rmax[g] + (1 - self.momentum) * hi
         stats = self._global[g]
         stats[0], stats[1] = min(stats[0], lo.item()), max(stats[1], hi.item())
-        if self.range_method in ("percentile", "mse"):
-            self._pool[g].append(_subsample(x, self.POOL).cpu())
+        if pool is not None:
+            self._pool[g].append(pool.cpu())
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -269,6 +280,66 @@ class ActQuantizer(nn.Module):
         groups = self._sample_groups(x)
         for g in torch.unique(groups).tolist():
             self._observe_group(int(g), x[groups == g])
+
+    # ---- observing a tensor that exists only in parts (chunked attention maps) -------------------
+    @torch.no_grad()
+    def part_summary(self, part: torch.Tensor, start: int, rows: int) -> dict:
+        """What :meth:`observe` would take from rows ``start:start + len(part)`` of a ``rows``-row
+        tensor that is never built whole: per timestep group, the part's min, max and its share of
+        the evenly strided pool (the indices ``_subsample`` picks from the whole group's values)."""
+        part = part.detach()
+        per_row = part[0].numel() if len(part) else 0
+        if self.timestep_aware:
+            groups = self._sample_groups(part.new_empty(rows, 0))
+        else:
+            groups = torch.zeros(rows, dtype=torch.long, device=part.device)
+        mine = groups[start : start + len(part)]
+        pooled = self.range_method in ("percentile", "mse")
+        out = {}
+        for g in torch.unique(mine).tolist():
+            in_part = mine == g
+            xs = part[in_part].flatten().float()
+            entry = {"lo": xs.min(), "hi": xs.max(), "pool": None, "subsampled": False}
+            if pooled:
+                total = int((groups == g).sum()) * per_row
+                first = int((groups[:start] == g).sum()) * per_row  # the group's values before this part
+                if total <= self.POOL:
+                    entry["pool"] = xs
+                else:
+                    entry["subsampled"] = True
+                    idx = _strided_indices(total, self.POOL, part.device) - first
+                    entry["pool"] = xs[idx[(idx >= 0) & (idx < xs.numel())]]
+            out[int(g)] = entry
+        return out
+
+    @torch.no_grad()
+    def observe_parts(self, summaries: list[dict]) -> None:
+        """Observe the tensor whose parts :meth:`part_summary` summarised, in order: exactly what
+        :meth:`observe` records for the whole tensor (min / max are exact; the pool holds the same
+        strided values and extremes)."""
+        for g in sorted({g for s in summaries for g in s}):
+            entries = [s[g] for s in summaries if g in s]
+            lo = torch.stack([e["lo"] for e in entries]).min()
+            hi = torch.stack([e["hi"] for e in entries]).max()
+            pool = None
+            if entries[0]["pool"] is not None:
+                pool = torch.cat([e["pool"] for e in entries])
+                if entries[0]["subsampled"]:  # _subsample appends the extremes when it subsamples
+                    pool = torch.cat([pool, lo.reshape(1), hi.reshape(1)])
+            self._record(g, lo, hi, pool)
+
+    def step_per_row(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step size and zero point as [rows, 1, 1] tensors (one per sample-major row of a
+        [rows, ..., ...] tensor; timestep-aware: each row its sample's group), for callers that
+        quantize a tensor in row chunks: each row then has its own broadcast copy of the step, so
+        the step's gradient is a per-row reduction followed by one sum over rows, whatever the chunks."""
+        scale, zero_point = self.scale.abs() + 1e-12, self.zero_point
+        if self.timestep_aware:
+            g = self._sample_groups(scale.new_empty(rows, 0))
+            scale, zero_point = scale[g], zero_point[g]
+        else:
+            scale, zero_point = scale.expand(rows), zero_point.expand(rows)
+        return scale.reshape(rows, 1, 1), zero_point.reshape(rows, 1, 1)
 
     @torch.no_grad()
     def _group_range(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
