@@ -39,7 +39,6 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from .checkpoint_layout import QUANT_METHOD, config_json_entry
 from .config import CONFIG_NAME
-from .modeling import load_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +101,10 @@ def register() -> None:
             if not (folder / CONFIG_NAME).is_file():
                 raise _loader_error(f"{folder} has no {CONFIG_NAME} next to the weights (diffusers fetches only "
                                     "config.json and the weights from the Hub)", self.quantization_config.load_with)
+            # Imported here, not at the top: `import diffusers_gaq` registers this quantizer, and the model
+            # classes behind load_quantized cost seconds of import that only a load needs.
+            from .modeling import load_quantized
+
             self._loaded = load_quantized(folder)
             return list(self._loaded.state_dict().keys())
 
