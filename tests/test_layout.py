@@ -131,3 +131,28 @@ def test_quantized_classes_are_defined_where_a_reader_finds_them():
             "QuantizedTransformer2DModel"} <= defined
     assert not any("globals()" in ast.unparse(n) for n in ast.walk(ast.parse((PACKAGE / "modeling.py").read_text()))
                    if isinstance(n, ast.Call))
+
+
+def test_one_cli_run_finds_the_denoiser_once_and_lists_the_units_once(tmp_path, monkeypatch):
+    """Every binding of denoiser_of / reconstruction_units in the package is wrapped with a counter,
+    then a real (tiny) `diffusers-gaq quantize` runs in this process."""
+    import sys
+
+    from diffusers_gaq import cli, quantize  # noqa: F401 - loads the modules whose bindings are counted
+    from diffusers_gaq.models import denoiser_of, wrap
+
+    calls = {"denoiser_of": 0, "reconstruction_units": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name, fn in (("denoiser_of", denoiser_of), ("reconstruction_units", wrap.reconstruction_units)):
+        for module in [m for k, m in list(sys.modules.items()) if k.startswith("diffusers_gaq") and m is not None]:
+            if module.__dict__.get(name) is fn:
+                monkeypatch.setattr(module, name, counted(name, fn))
+    code = cli.main(["quantize", "reference", "--budget", "tiny", "--quiet", "--output", str(tmp_path / "out")])
+    assert code == 0
+    assert calls == {"denoiser_of": 1, "reconstruction_units": 1}
