@@ -27,8 +27,8 @@ QUICK_STEPS = 20
 
 # What the longer run gives, measured (docs/benchmarks.md, "Quality on the reference pipeline"): quoted,
 # not computed, because it takes 10-25 minutes on this kind of machine.
-LONGER_RUN = ("the documented `demo` budget (50-step trajectories, 24 per timestep, 160 reconstruction and 8 meta (2 since issue 13) "
-              "iterations per block; `diffusers-gaq demo --budget demo --num-images 256 --num-inference-steps 50`, "
+LONGER_RUN = ("the documented `demo` budget (50-step trajectories, 24 per timestep, 160 reconstruction and 8 meta "
+              "iterations per block, as measured; the preset has 2 since issue 13; `diffusers-gaq demo --budget demo --num-images 256 --num-inference-steps 50`, "
               "whose calibration alone took 345-600 s on a shared 2-core machine) gives W4A8 FID-ref 54.4 +/- 1.3 against FP 44.9 (+21 %, 1000 images, "
               "3 seeds) and PSNR 27.5 dB vs FP (docs/benchmarks.md)")
 
