@@ -52,6 +52,15 @@ _UNSUPPORTED = {
 }
 
 
+def unsupported_fields(model: nn.Module, unsupported: dict[str, str]) -> str | None:
+    """The model's config fields among ``unsupported`` (field -> why), as "k=v, ... (why; ...)", or None."""
+    used = {k: why for k, why in unsupported.items() if model.config.get(k) is not None}
+    if not used:
+        return None
+    return (f"{', '.join(f'{k}={model.config.get(k)!r}' for k in used)} "
+            f"({'; '.join(sorted(set(used.values())))})")
+
+
 class UNet2DConditionFamily(ModelFamily):
     name = "unet2d_condition"
     model_classes = (UNet2DConditionModel,)
@@ -60,11 +69,10 @@ class UNet2DConditionFamily(ModelFamily):
 
     @classmethod
     def check(cls, model: nn.Module) -> None:
-        used = {k: why for k, why in _UNSUPPORTED.items() if model.config.get(k) is not None}
+        used = unsupported_fields(model, _UNSUPPORTED)
         if used:
             raise NotImplementedError(
-                f"UNet2DConditionModel with {', '.join(f'{k}={model.config.get(k)!r}' for k in used)} "
-                f"({'; '.join(sorted(set(used.values())))}) is not supported; supported: Stable Diffusion 1.x / 2.x "
+                f"UNet2DConditionModel with {used} is not supported; supported: Stable Diffusion 1.x / 2.x "
                 "style UNet2DConditionModel conditioned on encoder_hidden_states only (StableDiffusionPipeline), and "
                 "the SDXL UNet with addition_embed_type='text_time' (StableDiffusionXLPipeline)")
 

@@ -25,7 +25,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from .base import CalibrationConditioning, guidance_scale
-from .unet2d_condition import DEFAULT_CALIBRATION_PROMPTS, UNet2DConditionFamily
+from .unet2d_condition import DEFAULT_CALIBRATION_PROMPTS, UNet2DConditionFamily, unsupported_fields
 
 # StableDiffusionXLPipeline.__call__'s default.
 SDXL_GUIDANCE_SCALE = 5.0
@@ -52,13 +52,11 @@ class UNet2DConditionXLFamily(UNet2DConditionFamily):
 
     @classmethod
     def check(cls, model: nn.Module) -> None:
-        used = {k: why for k, why in _UNSUPPORTED.items() if model.config.get(k) is not None}
+        used = unsupported_fields(model, _UNSUPPORTED)
         if used:
             raise NotImplementedError(
-                f"UNet2DConditionModel with addition_embed_type='text_time' and "
-                f"{', '.join(f'{k}={model.config.get(k)!r}' for k in used)} ({'; '.join(sorted(set(used.values())))}) "
-                "is not supported; supported: the Stable Diffusion XL base UNet, conditioned on encoder_hidden_states, "
-                "text_embeds and time_ids only")
+                f"UNet2DConditionModel with addition_embed_type='text_time' and {used} is not supported; supported: "
+                "the Stable Diffusion XL base UNet, conditioned on encoder_hidden_states, text_embeds and time_ids only")
 
     @classmethod
     def pipeline_classes(cls) -> tuple[type, ...]:
