@@ -107,7 +107,9 @@ class GradientAlignedQuantizer:
         and are read back per minibatch); a sixteenth is the working set of one chunk of a quantized
         attention map (computed a chunk of (sample, head) slices at a time under activation
         checkpointing). Neither changes a single bit of the result. The default, 16, leaves room on a
-        24 GB device for Stable Diffusion 1.5's UNet at minibatch 8.
+        24 GB device for Stable Diffusion 1.5's UNet at minibatch 8. (The meta step's passes run a
+        chunk of samples at a time sized from the unit's shapes alone, calibration.meta_gradient, so
+        that its float order, and the result, do not depend on this budget either.)
     Run
         seed; device (None: cuda when available, else cpu).
     """

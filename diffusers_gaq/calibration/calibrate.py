@@ -22,10 +22,10 @@ from ..models.timestep_groups import groups_from_data, install_timestep_groups, 
 from ..models.wrap import reconstruction_units, set_quant_state
 from ..quant.quantizers import has_timestep_aware
 from .capture import capture_all_outputs, capture_unit
-from .store import CaptureStore
 from .data import CalibrationData
 from .diagnostics import cosine_matrix, group_gradients, mean_per_step
 from .reconstruction import UnitProblem, harden, init_quantizers, reconstruct, start_rounding
+from .store import CaptureStore
 from .weighting import learn_scores, num_scores, weights_of_samples
 
 logger = logging.getLogger(__name__)

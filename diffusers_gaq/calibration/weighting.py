@@ -26,7 +26,11 @@ omega_granularity="sample"):
 - omega_granularity="timestep": one score per calibration timestep, shared by its samples
   (S values instead of N), omega = S * softmax(s / tau) per timestep.
 
-Plain torch autograd (create_graph=True) and torch.func.functional_call; no `higher`.
+meta_objective writes L_VAL as one differentiable expression (plain torch autograd with
+create_graph and torch.func.functional_call; no `higher`): the definition, used by the tests and the
+diagnostics. learn_scores steps on its gradient computed by parts in bounded memory
+(meta_gradient.py: first-order passes and one Hessian-vector product, a chunk of samples at a time),
+equal to autograd's to rounding.
 """
 
 from __future__ import annotations
@@ -39,47 +43,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ..config import GradientAlignedQuantizer
+from .meta_gradient import meta_chunk_size, meta_gradient
 from .reconstruction import UnitProblem
+from .sample_weights import TINY_NORM, gradient_matching_loss, sample_weights, weights_of_samples  # noqa: F401
 
 logger = logging.getLogger(__name__)
-
-# Norms below this are treated as zero (a group whose validation loss does not depend on omega).
-_TINY = 1e-30
-
-
-def sample_weights(scores: torch.Tensor, tau: float) -> torch.Tensor:
-    """omega = N * softmax(s / tau): positive, sums to N (N = len(scores))."""
-    return len(scores) * torch.softmax(scores / tau, dim=0)
-
-
-def weights_of_samples(scores: torch.Tensor, tau: float, score_index: torch.Tensor | None = None) -> torch.Tensor:
-    """The weight of every training sample: omega of its score. ``score_index[i]`` is the score of
-    training sample i (its calibration timestep with omega_granularity="timestep"); None: one score
-    per sample. With equally many samples per score the sample weights also sum to their count."""
-    omega = sample_weights(scores, tau)
-    return omega if score_index is None else omega[score_index.to(omega.device)]
-
 
 def num_scores(config: GradientAlignedQuantizer, num_train: int, num_steps: int) -> int:
     """How many scores the meta step learns: one per training sample, or one per calibration timestep."""
     return num_steps if config.omega_granularity == "timestep" else num_train
-
-
-def gradient_matching_loss(group_grads: list[torch.Tensor], form: str = "dot") -> torch.Tensor:
-    """-2 / (T (T-1)) * sum_{t<k} G_t . G_k: raw dot products (``form="dot"``, the paper's) or
-    cosines (``form="cosine"``); zero for a single group."""
-    t = len(group_grads)
-    if t < 2:
-        return group_grads[0].new_zeros(())
-    g = torch.stack(group_grads)  # [T, |B|]
-    if form == "cosine":
-        # sqrt of (|G|^2 + tiny): differentiable at G = 0, where the direction is undefined.
-        g = g / (g.pow(2).sum(1, keepdim=True) + _TINY).sqrt()
-    elif form != "dot":
-        raise ValueError(f"gradient matching form {form!r}: expected 'dot' or 'cosine'")
-    gram = g @ g.T
-    pairs = (gram.sum() - gram.diagonal().sum()) / 2
-    return -2.0 / (t * (t - 1)) * pairs
 
 
 # Whether autograd's batched backward (is_grads_batched) works for the units seen so far: when a unit
@@ -146,7 +118,7 @@ def inner_step_sizes(problem: UnitProblem, theta: dict[str, torch.Tensor], train
         else:
             length = _adam_first_step(problem, p, config)
         # A tensor without gradient does not move whatever eta is.
-        etas[name] = length / gnorm if gnorm > _TINY else 0.0
+        etas[name] = length / gnorm if gnorm > TINY_NORM else 0.0
     return etas
 
 
@@ -163,7 +135,7 @@ def make_context(problem: UnitProblem, theta: dict[str, torch.Tensor], train_idx
     reference = None
     if config.gradient_matching == "cosine":
         with torch.no_grad():
-            reference = _validation_losses(problem, val_groups, theta).clamp_min(_TINY)
+            reference = _validation_losses(problem, val_groups, theta).clamp_min(TINY_NORM)
     return MetaContext(inner_step_sizes(problem, theta, train_idx, config, probe), reference, score_index)
 
 
@@ -223,11 +195,11 @@ def learn_scores(problem: UnitProblem, scores: torch.Tensor, train_idx: torch.Te
     # Fused attention kernels have no double backward; the math kernel computes the same function.
     with sdpa_kernel(SDPBackend.MATH):
         context = make_context(problem, theta, train_idx, val_groups, config, batches[0], score_index)
+    chunk = meta_chunk_size(problem)
     bar = tqdm(batches, desc=f"sample weights {problem.name}", disable=not progress, leave=False)
     for batch in bar:
         with sdpa_kernel(SDPBackend.MATH):
-            l_val, info = meta_objective(problem, scores, batch, train_idx, val_groups, config, theta, context)
-            (grad,) = torch.autograd.grad(l_val, scores)
+            grad, info = meta_gradient(problem, scores, batch, train_idx, val_groups, config, theta, context, chunk)
         if grad_hook is not None:
             grad = grad_hook(grad)
         opt.zero_grad(set_to_none=True)
