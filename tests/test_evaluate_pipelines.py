@@ -1,5 +1,5 @@
-"""`diffusers-gaq evaluate` on every family: a tiny class-conditional UNet, a tiny DiT and a tiny
-Stable Diffusion pipeline (random weights, the in-memory CLIP tokenizer of test_families), each
+"""`diffusers-gaq evaluate` on every family: a tiny class-conditional UNet, a tiny DiT, a tiny
+Stable Diffusion and a tiny SDXL pipeline (random weights, the in-memory CLIP tokenizer of test_families), each
 compared with its FP pipeline from the same noise; two folders give two rows in one table and grid."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from test_families import TINY, build_pipeline
+from test_sdxl import tiny_sdxl_pipeline
 
 from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline
 from diffusers_gaq.cli import main
@@ -24,13 +25,14 @@ CASES = {
     "class_conditional": ([(8, 8), (4, 8)], ["--class-labels", "3", "7"]),
     "dit": ([(8, 8)], ["--class-labels", "1", "2"]),
     "sd": ([(8, 8)], ["--prompt", "a red fox", "--guidance-scale", "3"]),
+    "sdxl": ([(8, 8)], ["--prompt", "a red fox"]),  # SDXL's own guidance scale, 5
 }
 
 
 @pytest.mark.parametrize("kind", list(CASES))
 def test_evaluate_gives_one_row_per_folder(kind, tmp_path, capsys):
     precisions, flags = CASES[kind]
-    pipe = build_pipeline(kind)
+    pipe = tiny_sdxl_pipeline() if kind == "sdxl" else build_pipeline(kind)
     pipe.save_pretrained(tmp_path / "fp")
     folders = []
     for w, a in precisions:
@@ -75,3 +77,12 @@ def test_class_labels_are_checked_against_the_model():
     with pytest.raises(ValueError, match=r"must lie in \[0, 9\]"):
         conditioning(pipe, SamplingPlan(num_images=2, class_labels=[10]))
     assert conditioning(pipe, SamplingPlan(num_images=4))[1] == [0, 2, 5, 7]  # spread over every class
+
+
+def test_sdxl_is_sampled_from_prompts_at_its_own_guidance_scale():
+    from diffusers_gaq.evaluation.sampling import _text_guidance
+
+    pipe = tiny_sdxl_pipeline()
+    kind, cond = conditioning(pipe, SamplingPlan(num_images=3))
+    assert kind == "text_to_image" and all(isinstance(c, str) for c in cond)
+    assert _text_guidance(pipe) == 5.0 and _text_guidance(build_pipeline("sd")) == 7.5

@@ -69,7 +69,7 @@ def pipeline_kind(pipe) -> str:
     family, _, model = denoiser_of(pipe)
     if family is DiTFamily:
         return "dit"
-    if family is UNet2DConditionFamily:
+    if issubclass(family, UNet2DConditionFamily):  # Stable Diffusion and SDXL
         return "text_to_image"
     return "class_conditional" if is_class_conditional(model) else "unconditional"
 
@@ -127,6 +127,14 @@ def conditioning(pipe, plan: SamplingPlan) -> tuple[str, list]:
     return kind, [None] * n
 
 
+def _text_guidance(pipe) -> float:
+    """The pipeline's own default guidance scale: 7.5 for Stable Diffusion, 5.0 for SDXL."""
+    from ..models import denoiser_of
+    from ..models.unet2d_condition_xl import SDXL_GUIDANCE_SCALE, UNet2DConditionXLFamily
+
+    return SDXL_GUIDANCE_SCALE if issubclass(denoiser_of(pipe)[0], UNet2DConditionXLFamily) else SD_GUIDANCE_SCALE
+
+
 @torch.no_grad()
 def paired_samples(pipe, plan: SamplingPlan, progress: bool = False) -> tuple[np.ndarray, float]:
     """``plan.num_images`` samples as numpy [N, H, W, C] in [0, 1] and the seconds they took.
@@ -148,7 +156,7 @@ def paired_samples(pipe, plan: SamplingPlan, progress: bool = False) -> tuple[np
             scale = DIT_GUIDANCE_SCALE if plan.guidance_scale is None else plan.guidance_scale
             images = ddim(class_labels=batch, guidance_scale=scale, **common).images
         else:
-            scale = SD_GUIDANCE_SCALE if plan.guidance_scale is None else plan.guidance_scale
+            scale = _text_guidance(pipe) if plan.guidance_scale is None else plan.guidance_scale
             images = ddim(prompt=batch, guidance_scale=scale, eta=0.0, **common).images
         out.append(np.asarray(images, dtype=np.float64))
     seconds = time.perf_counter() - start
