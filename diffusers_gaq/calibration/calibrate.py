@@ -110,6 +110,37 @@ class CalibrationStart:
 UnitHook = Callable[[int, torch.Tensor, CalibrationReport], None]
 
 
+@dataclass
+class _RunPlan:
+    """What stays fixed over one calibration run: the splits, the score layout, the switches."""
+
+    config: GradientAlignedQuantizer
+    data: CalibrationData
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    val_groups: list[torch.Tensor]
+    train_groups: list[torch.Tensor]  # positions into train_idx, per timestep group
+    score_index: torch.Tensor | None  # omega_granularity="timestep": the score of every training sample
+    sample_groups: torch.Tensor | None  # timestep-aware activation quantizers: every sample's group
+    batch_size: int
+    device: torch.device
+    progress: bool
+    record_conflict: bool
+    dist: object | None
+
+    @property
+    def gradient_aligned(self) -> bool:
+        return self.config.method == "reconstruction" and self.config.weighting == "gradient_aligned"
+
+    def evaluate(self, problem: UnitProblem):
+        """Train / validation mean loss and per-timestep train loss, from one pass over the samples."""
+        losses = problem.per_sample_losses(torch.arange(len(self.data)), self.batch_size)
+        step_index = self.data.step_index
+        per_step = mean_per_step(losses[self.train_idx], step_index[self.train_idx], int(step_index.max()) + 1)
+        val = losses[self.val_idx].mean().item() if len(self.val_idx) else float("nan")
+        return losses[self.train_idx].mean().item(), val, per_step
+
+
 def calibrate_model(model: nn.Module, family, data: CalibrationData, config: GradientAlignedQuantizer, *,
                     units: list[tuple[str, nn.Module]] | None = None, progress: bool = True,
                     record_conflict: bool = False, dist=None, start: CalibrationStart | None = None,
@@ -118,26 +149,19 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
     units (models.wrap.reconstruction_units; listed here when not given); ``dist``: the process
     group of a multi-process run (distributed.Dist); ``start`` and ``hooks`` let callers resume and
     checkpoint."""
-    device = next(model.parameters()).device
     units = units if units is not None else reconstruction_units(model, family)
     start = start or CalibrationStart()
-    start_unit, scores = start.next_unit, start.scores
     train_idx, val_idx = data.train_indices, data.val_indices
-    val_groups = _split_groups(data, val_idx)
-    train_groups = [torch.nonzero(data.group[train_idx] == g).flatten() for g in range(data.num_groups)]
     report = CalibrationReport(train_timesteps=data.timesteps[train_idx].clone(),
                                train_step_index=data.step_index[train_idx].clone())
     # omega_granularity="timestep": one score per calibration timestep, indexed by each sample's step.
-    num_steps = int(data.step_index.max()) + 1
     score_index = data.step_index[train_idx].clone() if config.omega_granularity == "timestep" else None
-    n_scores = num_scores(config, len(train_idx), num_steps)
-    scores = torch.zeros(n_scores) if scores is None else scores
+    n_scores = num_scores(config, len(train_idx), int(data.step_index.max()) + 1)
+    scores = torch.zeros(n_scores) if start.scores is None else start.scores
     if len(scores) != n_scores:
         raise ValueError(f"the resumed run carries {len(scores)} sample scores but this configuration learns "
                          f"{n_scores} (omega_granularity={config.omega_granularity!r}); resume with the run's "
                          "own configuration")
-    bs = max(config.recon_batch_size, config.calibration_batch_size)
-    gradient_aligned = config.method == "reconstruction" and config.weighting == "gradient_aligned"
     started = time.perf_counter()
     # Timestep-aware activation quantizers: the model's forward (captures) picks each sample's group
     # from its timestep; units called alone get the groups of their samples.
@@ -145,103 +169,30 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
     if has_timestep_aware(model):
         install_timestep_groups(model, groups_from_data(data, config.num_act_timestep_groups))
         sample_groups = sample_groups_of(data, config.num_act_timestep_groups)
+    plan = _RunPlan(config, data, train_idx, val_idx, _split_groups(data, val_idx),
+                    [torch.nonzero(data.group[train_idx] == g).flatten() for g in range(data.num_groups)],
+                    score_index, sample_groups, max(config.recon_batch_size, config.calibration_batch_size),
+                    next(model.parameters()).device, progress, record_conflict, dist)
     set_quant_state(model, weight=False, act=False)
     # The shared FP pass holds every unit's targets at once: a quarter of the capture budget at most.
     share = config.capture_memory_bytes
-    cached_targets = capture_all_outputs(model, units[start_unit:], data, family, bs, device,
+    cached_targets = capture_all_outputs(model, units[start.next_unit:], data, family, plan.batch_size, plan.device,
                                          max_bytes=2 * 2**30 if share is None else min(2 * 2**30, share // 4))
-    all_idx = torch.arange(len(data))
-
-    def evaluate(problem):
-        """Train / validation mean loss and per-timestep train loss, from one pass over the samples."""
-        losses = problem.per_sample_losses(all_idx, bs)
-        per_step = mean_per_step(losses[train_idx], data.step_index[train_idx], int(data.step_index.max()) + 1)
-        val = losses[val_idx].mean().item() if len(val_idx) else float("nan")
-        return losses[train_idx].mean().item(), val, per_step
-
     bar = tqdm(units, desc=f"calibrating {config.tag}", disable=not progress)
     store = CaptureStore()
     try:
         for b, (name, unit) in enumerate(bar):
-            if b < start_unit:
+            if b < start.next_unit:
                 continue
             t0 = time.perf_counter()
-            rep = UnitReport(name)
-            # FP target: the whole model in full precision. Input: earlier units quantized, this one not yet.
-            set_quant_state(model, weight=False, act=False)
             # This unit's captures: in memory up to the budget, the rest on disk (store.py), deleted when
             # the next unit starts (or the loop ends, however it ends).
             store.close()
             store = CaptureStore(config.capture_memory_bytes)
-            if cached_targets is not None:
-                targets = cached_targets.pop(name)
-            else:
-                targets = capture_unit(model, unit, data, family, bs, "output", device=device, store=store)
-            for _, done in units[:b]:
-                set_quant_state(done, weight=True, act=config.quantizes_activations)
-            inputs = capture_unit(model, unit, data, family, bs, "inputs", device=device, store=store)
-            problem = UnitProblem(name, unit, inputs, targets, device, sample_groups=sample_groups)
-            init_quantizers(problem, train_idx, config)
-            act_steps = [q.scale.detach().clone() for q in problem.act_quantizers()]  # kept for a fallback
-            rep.loss_init, rep.val_loss_init, rep.step_loss_init = evaluate(problem)
-            omega = torch.ones(len(train_idx))
-            if config.method == "reconstruction":
-                start_rounding(problem)
-                theta = [p for ps in problem.trainable_params(config).values() for p in ps]
-                # theta is empty when nothing in the unit is trainable (e.g. only FP-weight layers, fixed act steps)
-                if gradient_aligned and config.meta_iters > 0 and theta:
-                    tm = time.perf_counter()
-                    init_scores = scores if config.carry_scores else torch.zeros(n_scores)
-                    gen = torch.Generator().manual_seed(config.seed * 1009 + 2 * b + 1)
-                    scores, _ = learn_scores(problem, init_scores, train_idx, val_groups, config, gen, progress,
-                                             grad_hook=dist.broadcast_tensor if dist else None,
-                                             score_index=score_index)
-                    scores = scores.cpu()
-                    omega = weights_of_samples(scores, config.tau, score_index)
-                    rep.meta_seconds = time.perf_counter() - tm
-                if record_conflict and theta:
-                    groups = [train_idx[g] for g in train_groups]
-                    rep.conflict_before = cosine_matrix(group_gradients(problem, theta, groups))
-                    weights = [omega[g] for g in train_groups]
-                    rep.conflict_after = cosine_matrix(group_gradients(problem, theta, groups, weights))
-                gen = torch.Generator().manual_seed(config.seed * 1009 + 2 * b)
-                tr = time.perf_counter()
-                try:
-                    reconstruct(problem, train_idx, omega, config, gen, progress and (dist is None or dist.is_main),
-                                dist=dist)
-                except FloatingPointError as err:  # non-finite loss: fall back below
-                    rep.fallback = f"round-to-nearest ({err})"
-                rep.recon_seconds = time.perf_counter() - tr
-            harden(problem)
-            set_quant_state(unit, weight=True, act=config.quantizes_activations)
-            rep.omega = omega.clone()
-            rep.loss_final, rep.val_loss_final, rep.step_loss_final = evaluate(problem)
-            diverged = not math.isfinite(rep.loss_final) or rep.loss_final > DIVERGENCE_FACTOR * rep.loss_init
-            # Reconstruction that does not lower the held-out loss only fitted the training samples: keep
-            # round-to-nearest (at 8 bits, where rounding is already near its best, this happens).
-            no_gain = (config.keep_rtn_if_no_gain and math.isfinite(rep.val_loss_init)
-                       and rep.val_loss_final >= rep.val_loss_init)
-            if config.method == "reconstruction" and (rep.fallback or diverged or no_gain):
-                if no_gain and not (rep.fallback or diverged):
-                    rep.fallback = (f"round-to-nearest (held-out loss {rep.val_loss_final:.4g} after reconstruction vs "
-                                    f"{rep.val_loss_init:.4g} at round-to-nearest)")
-                rep.fallback = rep.fallback or (f"round-to-nearest (reconstruction loss {rep.loss_final:.4g} vs "
-                                                f"{rep.loss_init:.4g} at round-to-nearest)")
-                _fall_back_to_nearest(problem, act_steps)
-                rep.loss_final, rep.val_loss_final, rep.step_loss_final = evaluate(problem)
-                if not math.isfinite(rep.loss_final):
-                    raise FloatingPointError(f"unit {name}: the loss is {rep.loss_final} even at round-to-nearest; "
-                                             "check the model and the calibration data for NaN/Inf")
-                if not torch.isfinite(scores).all():  # diverged sample weights must not reach the next unit
-                    scores = torch.zeros_like(scores)
-                if no_gain and not diverged:
-                    logger.info("%s: kept %s", name, rep.fallback)
-                else:
-                    logger.warning("%s: reconstruction diverged, kept %s", name, rep.fallback)
-            rep.seconds = time.perf_counter() - t0
+            targets = cached_targets.pop(name) if cached_targets is not None else None
+            problem = _capture_problem(plan, model, family, units, b, targets, store)
+            rep, scores = _calibrate_unit(plan, problem, b, scores, t0)
             report.units.append(rep)
-            logger.info("%s: loss %.4g -> %.4g (val %.4g -> %.4g) in %.1fs", name, rep.loss_init, rep.loss_final,
-                        rep.val_loss_init, rep.val_loss_final, rep.seconds)
             bar.set_postfix(unit=name, loss=f"{rep.loss_final:.3g}")
             for hook in hooks:
                 hook(b, scores, report)
@@ -250,3 +201,103 @@ def calibrate_model(model: nn.Module, family, data: CalibrationData, config: Gra
     set_quant_state(model, weight=True, act=config.quantizes_activations)
     report.calibration_seconds = time.perf_counter() - started
     return report
+
+
+def _capture_problem(plan: _RunPlan, model, family, units, b: int, targets, store: CaptureStore) -> UnitProblem:
+    """Unit b's problem: its FP target (the whole model in full precision) and its input (earlier
+    units quantized, this one not yet)."""
+    name, unit = units[b]
+    set_quant_state(model, weight=False, act=False)
+    if targets is None:
+        targets = capture_unit(model, unit, plan.data, family, plan.batch_size, "output", device=plan.device,
+                               store=store)
+    for _, done in units[:b]:
+        set_quant_state(done, weight=True, act=plan.config.quantizes_activations)
+    inputs = capture_unit(model, unit, plan.data, family, plan.batch_size, "inputs", device=plan.device, store=store)
+    return UnitProblem(name, unit, inputs, targets, plan.device, sample_groups=plan.sample_groups)
+
+
+def _calibrate_unit(plan: _RunPlan, problem: UnitProblem, b: int, scores: torch.Tensor, t0: float):
+    """Initialise, learn sample weights, reconstruct and harden one unit, keeping round-to-nearest
+    where reconstruction did not help; returns its report (its seconds counted from ``t0``, before
+    the captures) and the scores carried on."""
+    config = plan.config
+    rep = UnitReport(problem.name)
+    init_quantizers(problem, plan.train_idx, config)
+    act_steps = [q.scale.detach().clone() for q in problem.act_quantizers()]  # kept for a fallback
+    rep.loss_init, rep.val_loss_init, rep.step_loss_init = plan.evaluate(problem)
+    omega = torch.ones(len(plan.train_idx))
+    if config.method == "reconstruction":
+        start_rounding(problem)
+        omega, scores = _weights_and_reconstruction(plan, problem, b, scores, rep)
+    harden(problem)
+    set_quant_state(problem.unit, weight=True, act=config.quantizes_activations)
+    rep.omega = omega.clone()
+    rep.loss_final, rep.val_loss_final, rep.step_loss_final = plan.evaluate(problem)
+    scores = _keep_nearest_if_no_gain(plan, problem, rep, act_steps, scores)
+    rep.seconds = time.perf_counter() - t0
+    logger.info("%s: loss %.4g -> %.4g (val %.4g -> %.4g) in %.1fs", problem.name, rep.loss_init, rep.loss_final,
+                rep.val_loss_init, rep.val_loss_final, rep.seconds)
+    return rep, scores
+
+
+def _weights_and_reconstruction(plan: _RunPlan, problem: UnitProblem, b: int, scores: torch.Tensor,
+                                rep: UnitReport):
+    """The meta steps (gradient-aligned weighting), then the weighted reconstruction; (omega, scores)."""
+    config = plan.config
+    omega = torch.ones(len(plan.train_idx))
+    theta = [p for ps in problem.trainable_params(config).values() for p in ps]
+    # theta is empty when nothing in the unit is trainable (e.g. only FP-weight layers, fixed act steps)
+    if plan.gradient_aligned and config.meta_iters > 0 and theta:
+        tm = time.perf_counter()
+        init_scores = scores if config.carry_scores else torch.zeros(len(scores))
+        gen = torch.Generator().manual_seed(config.seed * 1009 + 2 * b + 1)
+        scores, _ = learn_scores(problem, init_scores, plan.train_idx, plan.val_groups, config, gen, plan.progress,
+                                 grad_hook=plan.dist.broadcast_tensor if plan.dist else None,
+                                 score_index=plan.score_index)
+        scores = scores.cpu()
+        omega = weights_of_samples(scores, config.tau, plan.score_index)
+        rep.meta_seconds = time.perf_counter() - tm
+    if plan.record_conflict and theta:
+        groups = [plan.train_idx[g] for g in plan.train_groups]
+        rep.conflict_before = cosine_matrix(group_gradients(problem, theta, groups))
+        weights = [omega[g] for g in plan.train_groups]
+        rep.conflict_after = cosine_matrix(group_gradients(problem, theta, groups, weights))
+    gen = torch.Generator().manual_seed(config.seed * 1009 + 2 * b)
+    tr = time.perf_counter()
+    try:
+        reconstruct(problem, plan.train_idx, omega, config, gen,
+                    plan.progress and (plan.dist is None or plan.dist.is_main), dist=plan.dist)
+    except FloatingPointError as err:  # non-finite loss: fall back below
+        rep.fallback = f"round-to-nearest ({err})"
+    rep.recon_seconds = time.perf_counter() - tr
+    return omega, scores
+
+
+def _keep_nearest_if_no_gain(plan: _RunPlan, problem: UnitProblem, rep: UnitReport, act_steps, scores):
+    """Round-to-nearest instead of a reconstruction that diverged or did not lower the held-out loss
+    (it only fitted the training samples: at 8 bits, where rounding is already near its best, this
+    happens); returns the scores to carry on (zeros if they diverged)."""
+    config = plan.config
+    diverged = not math.isfinite(rep.loss_final) or rep.loss_final > DIVERGENCE_FACTOR * rep.loss_init
+    no_gain = (config.keep_rtn_if_no_gain and math.isfinite(rep.val_loss_init)
+               and rep.val_loss_final >= rep.val_loss_init)
+    if config.method != "reconstruction" or not (rep.fallback or diverged or no_gain):
+        return scores
+    if no_gain and not (rep.fallback or diverged):
+        rep.fallback = (f"round-to-nearest (held-out loss {rep.val_loss_final:.4g} after reconstruction vs "
+                        f"{rep.val_loss_init:.4g} at round-to-nearest)")
+    rep.fallback = rep.fallback or (f"round-to-nearest (reconstruction loss {rep.loss_final:.4g} vs "
+                                    f"{rep.loss_init:.4g} at round-to-nearest)")
+    _fall_back_to_nearest(problem, act_steps)
+    rep.loss_final, rep.val_loss_final, rep.step_loss_final = plan.evaluate(problem)
+    if not math.isfinite(rep.loss_final):
+        raise FloatingPointError(f"unit {problem.name}: the loss is {rep.loss_final} even at round-to-nearest; "
+                                 "check the model and the calibration data for NaN/Inf")
+    if not torch.isfinite(scores).all():  # diverged sample weights must not reach the next unit
+        scores = torch.zeros_like(scores)
+    if no_gain and not diverged:
+        logger.info("%s: kept %s", problem.name, rep.fallback)
+    else:
+        logger.warning("%s: reconstruction diverged, kept %s", problem.name, rep.fallback)
+    return scores
