@@ -7,7 +7,7 @@ BUDGETS = {
     # `make demo` (diffusers-gaq demo): every stage of the method at a fraction of the `demo` budget:
     # 20-step trajectories instead of 50, 8 calibration timesteps x 16 trajectories instead of 10 x 24,
     # 48 reconstruction iterations per block instead of 160 (AdaRound rate 0.1 as for `demo`), 1 meta
-    # iteration instead of 8. Reconstruction is most of the time (about 60 %), the meta step ~15 %;
+    # iteration instead of 2. Reconstruction is most of the time (about 60 %), the meta step ~15 %;
     # measured in docs/benchmarks.md ("make demo in three minutes"), with a larger candidate.
     "quick": dict(num_inference_steps=20, num_calibration_timesteps=8, samples_per_timestep=16, recon_iters=48,
                   recon_batch_size=32, meta_iters=1, meta_batch_size=32, weight_lr=0.1),

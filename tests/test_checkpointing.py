@@ -53,7 +53,7 @@ class _Interrupted(Exception):
     """Stands for a crash: raised right after a checkpoint was written."""
 
 
-def _interrupted_run(pipe, config, directory: Path, after_unit: int | None) -> None:
+def _interrupted_run(tiny_pipe, config, directory: Path, after_unit: int | None) -> None:
     """Run with a checkpoint and stop right after unit ``after_unit`` was saved (None: right after
     the calibration data was saved)."""
     save_data, save_unit = CalibrationCheckpoint.save_data, CalibrationCheckpoint.save_unit
@@ -70,26 +70,15 @@ def _interrupted_run(pipe, config, directory: Path, after_unit: int | None) -> N
 
     with mock.patch.object(CalibrationCheckpoint, "save_data", data_then_stop), \
             mock.patch.object(CalibrationCheckpoint, "save_unit", unit_then_stop), pytest.raises(_Interrupted):
-        quantize_pipeline(pipe, config, progress=False, checkpoint_dir=directory)
+        quantize_pipeline(tiny_pipe, config, progress=False, checkpoint_dir=directory)
 
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_pipe):
-    return tiny_pipe
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_qpipe):
-    """The run every resumed run must reproduce bit for bit (no checkpoint folder at all)."""
-    return tiny_qpipe
-
-
-@pytest.fixture(scope="module")
-def partial_checkpoint(pipe, tmp_path_factory) -> Path:
+def partial_checkpoint(tiny_pipe, tmp_path_factory) -> Path:
     """A checkpoint folder left by a run stopped after unit INTERRUPT_AT; tests copy it before use."""
     directory = tmp_path_factory.mktemp("partial") / "ckpt"
-    _interrupted_run(pipe, reliability_config(), directory, INTERRUPT_AT)
+    _interrupted_run(tiny_pipe, reliability_config(), directory, INTERRUPT_AT)
     return directory
 
 
@@ -101,17 +90,17 @@ def checkpoint(partial_checkpoint, tmp_path) -> Path:
 
 # ---- resume ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("after_unit", [None, INTERRUPT_AT], ids=["after-data", f"after-unit-{INTERRUPT_AT}"])
-def test_resume_is_bit_identical_to_an_uninterrupted_run(pipe, uninterrupted, tmp_path, after_unit):
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_pipe, tiny_qpipe, tmp_path, after_unit):
     directory = tmp_path / "ckpt"
-    _interrupted_run(pipe, reliability_config(), directory, after_unit)
+    _interrupted_run(tiny_pipe, reliability_config(), directory, after_unit)
     assert (directory / DATA_NAME).is_file()
     assert (directory / STATE_NAME).is_file() == (after_unit is not None)
 
-    resumed = quantize_pipeline(pipe, reliability_config(), progress=False, checkpoint_dir=directory, resume=True)
+    resumed = quantize_pipeline(tiny_pipe, reliability_config(), progress=False, checkpoint_dir=directory, resume=True)
 
-    assert same_tensors(quantized_state_dict(resumed.unet), quantized_state_dict(uninterrupted.unet))
+    assert same_tensors(quantized_state_dict(resumed.unet), quantized_state_dict(tiny_qpipe.unet))
     # The report covers every unit, the ones from before the interruption included, with the same numbers.
-    expected, got = uninterrupted.unet.gaq_report.units, resumed.unet.gaq_report.units
+    expected, got = tiny_qpipe.unet.gaq_report.units, resumed.unet.gaq_report.units
     assert [u.name for u in got] == [u.name for u in expected]
     for a, b in zip(got, expected):
         assert (a.loss_init, a.loss_final) == (b.loss_init, b.loss_final), a.name
@@ -119,17 +108,17 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(pipe, uninterrupted, tm
     assert checkpoint_manifest(directory / STATE_NAME)["next_unit"] == len(expected)
 
 
-def test_resuming_a_finished_checkpoint_skips_calibration(pipe, uninterrupted, tmp_path):
+def test_resuming_a_finished_checkpoint_skips_calibration(tiny_pipe, tiny_qpipe, tmp_path):
     directory = tmp_path / "ckpt"
-    quantize_pipeline(pipe, reliability_config(), progress=False, checkpoint_dir=directory)
+    quantize_pipeline(tiny_pipe, reliability_config(), progress=False, checkpoint_dir=directory)
     with mock.patch.object(calibrate_module, "reconstruct", side_effect=AssertionError("recalibrated")):
-        again = quantize_pipeline(pipe, reliability_config(), progress=False, checkpoint_dir=directory, resume=True)
-    assert same_tensors(quantized_state_dict(again.unet), quantized_state_dict(uninterrupted.unet))
+        again = quantize_pipeline(tiny_pipe, reliability_config(), progress=False, checkpoint_dir=directory, resume=True)
+    assert same_tensors(quantized_state_dict(again.unet), quantized_state_dict(tiny_qpipe.unet))
 
 
-def test_resume_with_an_empty_folder_starts_afresh(pipe, uninterrupted, tmp_path):
-    result = quantize_pipeline(pipe, reliability_config(), progress=False, checkpoint_dir=tmp_path / "new", resume=True)
-    assert same_tensors(quantized_state_dict(result.unet), quantized_state_dict(uninterrupted.unet))
+def test_resume_with_an_empty_folder_starts_afresh(tiny_pipe, tiny_qpipe, tmp_path):
+    result = quantize_pipeline(tiny_pipe, reliability_config(), progress=False, checkpoint_dir=tmp_path / "new", resume=True)
+    assert same_tensors(quantized_state_dict(result.unet), quantized_state_dict(tiny_qpipe.unet))
 
 
 @pytest.mark.slow
@@ -176,10 +165,10 @@ def test_cli_killed_with_sigkill_resumes_to_identical_weights(tmp_path):
     (dict(recon_iters=3), ["recon_iters"]),
     (dict(seed=1, weight_bits=8), ["seed", "weight_bits"]),
 ])
-def test_checkpoint_of_another_config_is_refused(pipe, checkpoint, no_sampling, changes, fields):
+def test_checkpoint_of_another_config_is_refused(tiny_pipe, checkpoint, no_sampling, changes, fields):
     before = snapshot(checkpoint)
     with pytest.raises(CheckpointMismatchError) as e:
-        quantize_pipeline(pipe, reliability_config(**changes), progress=False, checkpoint_dir=checkpoint, resume=True)
+        quantize_pipeline(tiny_pipe, reliability_config(**changes), progress=False, checkpoint_dir=checkpoint, resume=True)
     message = str(e.value)
     assert "config fields differ" in message and all(f in message for f in fields), message
     assert snapshot(checkpoint) == before
@@ -201,13 +190,13 @@ def test_checkpoint_of_another_model_is_refused(checkpoint, no_sampling):
     assert snapshot(checkpoint) == before
 
 
-def test_checkpoint_is_not_overwritten_without_resume(pipe, checkpoint, no_sampling):
+def test_checkpoint_is_not_overwritten_without_resume(tiny_pipe, checkpoint, no_sampling):
     before = snapshot(checkpoint)
     with pytest.raises(FileExistsError, match="resume=True"):
-        quantize_pipeline(pipe, reliability_config(), progress=False, checkpoint_dir=checkpoint)
+        quantize_pipeline(tiny_pipe, reliability_config(), progress=False, checkpoint_dir=checkpoint)
     assert snapshot(checkpoint) == before
     with pytest.raises(ValueError, match="checkpoint_dir"):
-        quantize_pipeline(pipe, reliability_config(), progress=False, resume=True)
+        quantize_pipeline(tiny_pipe, reliability_config(), progress=False, resume=True)
 
 
 def _truncate(path: Path) -> None:
@@ -234,27 +223,27 @@ def _drop_manifest(path: Path) -> None:
     (DATA_NAME, _flip_last_byte, "do not match the digest"),
     (DATA_NAME, Path.unlink, "incomplete"),
 ], ids=["state-truncated", "state-bit-flip", "state-no-manifest", "data-truncated", "data-bit-flip", "data-missing"])
-def test_damaged_checkpoint_is_refused(pipe, checkpoint, no_sampling, name, damage, expected):
+def test_damaged_checkpoint_is_refused(tiny_pipe, checkpoint, no_sampling, name, damage, expected):
     damage(checkpoint / name)
     before = snapshot(checkpoint)
     with pytest.raises(CheckpointError) as e:
-        quantize_pipeline(pipe, reliability_config(), progress=False, checkpoint_dir=checkpoint, resume=True)
+        quantize_pipeline(tiny_pipe, reliability_config(), progress=False, checkpoint_dir=checkpoint, resume=True)
     assert expected in str(e.value) and str(checkpoint) in str(e.value), str(e.value)
     assert snapshot(checkpoint) == before
 
 
-def test_deleting_a_damaged_state_resumes_from_the_data(pipe, uninterrupted, checkpoint):
+def test_deleting_a_damaged_state_resumes_from_the_data(tiny_pipe, tiny_qpipe, checkpoint):
     """What the error message for a damaged state file suggests, and it works."""
     _truncate(checkpoint / STATE_NAME)
     with pytest.raises(CheckpointError, match=f"delete {STATE_NAME}"):
-        quantize_pipeline(pipe, reliability_config(), progress=False, checkpoint_dir=checkpoint, resume=True)
+        quantize_pipeline(tiny_pipe, reliability_config(), progress=False, checkpoint_dir=checkpoint, resume=True)
     (checkpoint / STATE_NAME).unlink()
-    result = quantize_pipeline(pipe, reliability_config(), progress=False, checkpoint_dir=checkpoint, resume=True)
-    assert same_tensors(quantized_state_dict(result.unet), quantized_state_dict(uninterrupted.unet))
+    result = quantize_pipeline(tiny_pipe, reliability_config(), progress=False, checkpoint_dir=checkpoint, resume=True)
+    assert same_tensors(quantized_state_dict(result.unet), quantized_state_dict(tiny_qpipe.unet))
 
 
 # ---- atomic writes -----------------------------------------------------------------------------
-def test_a_failed_checkpoint_write_keeps_the_previous_file(uninterrupted, checkpoint):
+def test_a_failed_checkpoint_write_keeps_the_previous_file(tiny_qpipe, checkpoint):
     """A crash in the middle of a write (here: safetensors fails half-way) leaves the last good file."""
     before = snapshot(checkpoint)
     import safetensors.torch
@@ -264,16 +253,16 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file(uninterrupted, checkp
         raise OSError("disk full")
 
     saver = CalibrationCheckpoint(checkpoint, fingerprint={})
-    model = uninterrupted.unet
+    model = tiny_qpipe.unet
     with mock.patch.object(safetensors.torch, "save_file", half_written), pytest.raises(OSError, match="disk full"):
         saver.save_unit(0, model, ["unit"], torch.zeros(3), [])
     assert snapshot(checkpoint) == before  # no temporary file left behind either
 
 
-def test_nan_state_is_never_written(uninterrupted, tmp_path):
+def test_nan_state_is_never_written(tiny_qpipe, tmp_path):
     saver = CalibrationCheckpoint(tmp_path / "ckpt", fingerprint={})
     with pytest.raises(FloatingPointError, match="scores"):
-        saver.save_unit(0, uninterrupted.unet, ["unit"], torch.tensor([0.0, float("nan")]), [])
+        saver.save_unit(0, tiny_qpipe.unet, ["unit"], torch.tensor([0.0, float("nan")]), [])
     zeros = torch.zeros(2, dtype=torch.long)
     data = CalibrationData(torch.full((2, 1, 16, 16), float("nan")), zeros, zeros, zeros, torch.tensor([False, True]))
     with pytest.raises(FloatingPointError, match="data.samples"):

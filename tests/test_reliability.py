@@ -36,21 +36,10 @@ from diffusers_gaq.serialization import CheckpointError
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_pipe):
-    return tiny_pipe
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_qpipe):
-    """A finished run with no checkpoint folder: conftest's tiny_qpipe."""
-    return tiny_qpipe
-
-
 # ---- determinism -------------------------------------------------------------------------------
-def test_two_identical_runs_write_byte_identical_files(pipe, uninterrupted, tmp_path):
-    again = quantize_pipeline(pipe, reliability_config(), progress=False)
-    uninterrupted.unet.save_pretrained(tmp_path / "a", model_card=False)
+def test_two_identical_runs_write_byte_identical_files(tiny_pipe, tiny_qpipe, tmp_path):
+    again = quantize_pipeline(tiny_pipe, reliability_config(), progress=False)
+    tiny_qpipe.unet.save_pretrained(tmp_path / "a", model_card=False)
     again.unet.save_pretrained(tmp_path / "b", model_card=False)
     # The report holds timings; everything else must match byte for byte.
     for name in ("diffusion_pytorch_model.safetensors", "quantization_config.json", "config.json",
@@ -59,21 +48,21 @@ def test_two_identical_runs_write_byte_identical_files(pipe, uninterrupted, tmp_
 
 
 # ---- saved models ---------------------------------------------------------------------------
-def test_pipeline_save_refuses_a_non_empty_folder_and_keeps_it(uninterrupted, tmp_path):
+def test_pipeline_save_refuses_a_non_empty_folder_and_keeps_it(tiny_qpipe, tmp_path):
     (tmp_path / "mine.txt").write_text("precious")
     before = snapshot(tmp_path)
     with pytest.raises(FileExistsError, match="not empty"):
-        save_quantized_pipeline(uninterrupted, tmp_path)
+        save_quantized_pipeline(tiny_qpipe, tmp_path)
     assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("edit", ["weight_shape", "config"])
-def test_tampered_checkpoint_shapes_are_refused_on_load(uninterrupted, tmp_path, edit):
+def test_tampered_checkpoint_shapes_are_refused_on_load(tiny_qpipe, tmp_path, edit):
     """quantization_config.json records every layer's weight shape; a file edited to disagree with
     config.json (or config.json edited to build another model) is refused, naming the layer."""
     from diffusers_gaq.modeling import load_quantized
 
-    folder = uninterrupted.unet.save_pretrained(tmp_path / "saved", model_card=False)
+    folder = tiny_qpipe.unet.save_pretrained(tmp_path / "saved", model_card=False)
     if edit == "weight_shape":
         qcfg = json.loads((folder / "quantization_config.json").read_text())
         qcfg["layers"]["conv_in"]["weight_shape"] = [9, 1, 3, 3]
@@ -92,7 +81,7 @@ def test_tampered_checkpoint_shapes_are_refused_on_load(uninterrupted, tmp_path,
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                                                  HealthCheck.function_scoped_fixture])
 @given(case=one_invalid())
-def test_invalid_config_is_refused_before_any_work(pipe, no_sampling, tmp_path, case):
+def test_invalid_config_is_refused_before_any_work(tiny_pipe, no_sampling, tmp_path, case):
     """A config made valid, then edited into an invalid one (validation on construction is passed by):
     quantize_pipeline refuses it naming the field, before sampling and before writing a checkpoint."""
     name, kw = case
@@ -101,32 +90,32 @@ def test_invalid_config_is_refused_before_any_work(pipe, no_sampling, tmp_path, 
         setattr(config, field, value)
     directory = tmp_path / f"ckpt-{time.perf_counter_ns()}"
     with pytest.raises(ValueError) as e:
-        quantize_pipeline(pipe, config, progress=False, checkpoint_dir=directory)
+        quantize_pipeline(tiny_pipe, config, progress=False, checkpoint_dir=directory)
     assert name in str(e.value)
     assert not directory.exists()
 
 
-def test_nan_calibration_data_is_refused_before_any_work(pipe, no_sampling, tmp_path):
+def test_nan_calibration_data_is_refused_before_any_work(tiny_pipe, no_sampling, tmp_path):
     good = CalibrationData(torch.randn(4, 1, 16, 16), torch.tensor([999, 999, 500, 500]), torch.tensor([0, 0, 1, 1]),
                            torch.tensor([0, 0, 1, 1]), torch.tensor([False, True, False, True]))
     bad = CalibrationData(**{**good.__dict__, "samples": good.samples.clone()})
     bad.samples[2, 0, 3, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN/Inf in 1 of 4 samples"):
-        quantize_pipeline(pipe, reliability_config(), calibration_data=bad, progress=False,
+        quantize_pipeline(tiny_pipe, reliability_config(), calibration_data=bad, progress=False,
                           checkpoint_dir=tmp_path / "c")
     wrong = CalibrationData(**{**good.__dict__, "samples": torch.randn(4, 3, 16, 16)})
     with pytest.raises(ValueError, match="3 channels; the model expects 1"):
-        quantize_pipeline(pipe, reliability_config(), calibration_data=wrong, progress=False,
+        quantize_pipeline(tiny_pipe, reliability_config(), calibration_data=wrong, progress=False,
                           checkpoint_dir=tmp_path / "c")
     assert not (tmp_path / "c").exists()
 
 
-def test_unsupported_pipeline_and_device_are_refused_before_any_work(pipe, no_sampling):
+def test_unsupported_pipeline_and_device_are_refused_before_any_work(tiny_pipe, no_sampling):
     with pytest.raises(TypeError, match="supported pipelines"):
         quantize_pipeline(object(), reliability_config())
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
-            quantize_pipeline(pipe, reliability_config(device="cuda"))
+            quantize_pipeline(tiny_pipe, reliability_config(device="cuda"))
 
 
 def _cli(args, capsys) -> tuple[int, str]:
@@ -157,13 +146,13 @@ def test_cli_refuses_before_loading_anything(tmp_path, capsys, no_loading, make_
     assert snapshot(tmp_path) == before
 
 
-def test_too_little_disk_space_is_refused_before_any_work(pipe, tmp_path, capsys, no_loading, no_sampling):
+def test_too_little_disk_space_is_refused_before_any_work(tiny_pipe, tmp_path, capsys, no_loading, no_sampling):
     full = SimpleNamespace(total=2**40, used=2**40 - 2**20, free=2**20)  # 1 MiB free
     with mock.patch("shutil.disk_usage", return_value=full):
         code, err = _cli(["quantize", "reference", "--output", str(tmp_path / "out")], capsys)
         assert code == 1 and "free" in err, err
         with pytest.raises(OSError, match="the calibration checkpoint needs about"):
-            quantize_pipeline(pipe, reliability_config(), progress=False, checkpoint_dir=tmp_path / "ckpt")
+            quantize_pipeline(tiny_pipe, reliability_config(), progress=False, checkpoint_dir=tmp_path / "ckpt")
     assert not any(tmp_path.iterdir())
 
 
@@ -176,7 +165,7 @@ def test_cli_refuses_a_malformed_hub_id_before_loading(tmp_path, capsys, no_load
 NAN_UNIT, BLOWN_UNIT = "down_blocks.0.resnets.0", "down_blocks.0.downsamplers.0"
 
 
-def test_diverging_units_fall_back_to_round_to_nearest(pipe, tmp_path):
+def test_diverging_units_fall_back_to_round_to_nearest(tiny_pipe, tmp_path):
     """Two faults in one run: one unit's loss turns NaN during reconstruction, another's
     reconstruction ends far worse than round-to-nearest (its step sizes blown up). Both keep
     round-to-nearest, say so in the report, the checkpoint and the model card, and the model still
@@ -199,7 +188,7 @@ def test_diverging_units_fall_back_to_round_to_nearest(pipe, tmp_path):
         return curve
 
     with mock.patch.object(calibrate_module, "reconstruct", faulty):
-        qpipe = quantize_pipeline(pipe, reliability_config(), progress=False, checkpoint_dir=tmp_path / "ckpt")
+        qpipe = quantize_pipeline(tiny_pipe, reliability_config(), progress=False, checkpoint_dir=tmp_path / "ckpt")
 
     units = {u.name: u for u in qpipe.unet.gaq_report.units}
     fell_back = {name: u.fallback for name, u in units.items() if u.fallback}
@@ -233,6 +222,6 @@ def test_diverging_units_fall_back_to_round_to_nearest(pipe, tmp_path):
     assert {u["name"] for u in report["units"] if u.get("fallback")} == set(fell_back)
 
 
-def test_a_healthy_run_has_no_fallback(uninterrupted):
-    assert not any(u.fallback for u in uninterrupted.unet.gaq_report.units)
-    assert "Reconstruction diverged" not in str(build_model_card(uninterrupted.unet))
+def test_a_healthy_run_has_no_fallback(tiny_qpipe):
+    assert not any(u.fallback for u in tiny_qpipe.unet.gaq_report.units)
+    assert "Reconstruction diverged" not in str(build_model_card(tiny_qpipe.unet))
