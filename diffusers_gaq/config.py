@@ -86,8 +86,10 @@ class GradientAlignedQuantizer:
         keep_rtn_if_no_gain (a unit keeps round-to-nearest when reconstruction did not lower its
         loss on the held-out validation samples).
     Sample weights (the paper's Algorithms 1-2)
-        weighting "gradient_aligned" | "uniform" (default: gradient-aligned, uniform under
-        method="minmax", which has no loss to weight); val_fraction held out per timestep; num_groups
+        weighting "uniform" | "gradient_aligned" (default: uniform. Gradient-aligned weights did
+        not measure better than uniform ones on the reference pipeline, paired over 5 seeds, and
+        cost more: docs/benchmarks.md, "Verdict (issue 13)"; weighting="gradient_aligned" turns the
+        paper's method on); val_fraction held out per timestep; num_groups
         (T, consecutive timestep groups); tau (softmax temperature); meta_iters, meta_batch_size,
         inner_lr (eta of the virtual step), meta_lr (Adam on the scores); carry_scores (whether
         scores carry over from block to block).
@@ -189,7 +191,7 @@ class GradientAlignedQuantizer:
 
     def __post_init__(self):
         if self.weighting is None:
-            self.weighting = "uniform" if self.method == "minmax" else "gradient_aligned"
+            self.weighting = "uniform"
         if isinstance(self.keep_fp, str):
             self.keep_fp = (self.keep_fp,)
         if not isinstance(self.keep_fp, (list, tuple)):

@@ -71,7 +71,9 @@ def make_config(method: str, bits: str, seed: int, budget: str) -> GradientAlign
         kw.update(weighting="uniform")
     elif method == "normal":
         kw.update(weighting="uniform", timestep_schedule="normal")
-    elif method != "gradient_aligned":
+    elif method == "gradient_aligned":
+        kw.update(weighting="gradient_aligned")
+    else:
         raise ValueError(f"unknown method {method}")
     return GradientAlignedQuantizer(**kw)
 

@@ -23,7 +23,8 @@ from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE
 # reconstruction. Read-only, because session-scoped fixtures hand the same object to every test.
 TINY_BUDGET = MappingProxyType(dict(
     num_inference_steps=4, num_calibration_timesteps=2, samples_per_timestep=4, num_groups=2, val_fraction=0.25,
-    calibration_batch_size=8, recon_iters=1, recon_batch_size=8, meta_iters=1, meta_batch_size=8))
+    calibration_batch_size=8, recon_iters=1, recon_batch_size=8, meta_iters=1, meta_batch_size=8,
+    weighting="gradient_aligned"))  # not the default: the tests run every stage, the meta step included
 
 # The tiny budget as the resume / checkpoint / reliability tests run it: two reconstruction steps, and
 # conv_in quantized too (the tampering tests edit its entry).

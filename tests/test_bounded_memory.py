@@ -151,7 +151,8 @@ def test_disk_store_and_attention_chunks_give_the_same_checkpoint(tmp_path, capl
                            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                            up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
         pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000, clip_sample=False))
-        config = GradientAlignedQuantizer(**dict(BUDGETS["tiny"], weight_bits=4, act_bits=8, num_inference_steps=6,
+        config = GradientAlignedQuantizer(**dict(BUDGETS["tiny"], weighting="gradient_aligned", weight_bits=4, act_bits=8,
+                                                 num_inference_steps=6,
                                                  num_calibration_timesteps=3, num_groups=3, recon_iters=3,
                                                  max_calibration_memory_gib=budget))
         qpipe = quantize_pipeline(pipe, config, progress=False)

@@ -49,7 +49,7 @@ torch.set_num_threads(1)  # tiny models: threads only contend (the suite's conve
 
 SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
 # The CLI's "tiny" budget at W8A8 (issue #8's end-to-end check), fewer trajectory steps for speed.
-TINY = dict(BUDGETS["tiny"], weight_bits=8, act_bits=8, num_inference_steps=6, num_calibration_timesteps=3,
+TINY = dict(BUDGETS["tiny"], weighting="gradient_aligned", weight_bits=8, act_bits=8, num_inference_steps=6, num_calibration_timesteps=3,
             num_groups=3, seed=0)
 
 

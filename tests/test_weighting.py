@@ -293,7 +293,7 @@ def test_per_step_loss_averages_per_timestep():
 # end to end: gradient-aligned with no meta steps is the uniform baseline, bit for bit
 # ---------------------------------------------------------------------------------------------
 
-E2E = dict(weight_bits=4, act_bits=8, weight_init="minmax", num_inference_steps=4, num_calibration_timesteps=2,
+E2E = dict(weighting="gradient_aligned", weight_bits=4, act_bits=8, weight_init="minmax", num_inference_steps=4, num_calibration_timesteps=2,
            samples_per_timestep=4, calibration_batch_size=8, recon_iters=3, recon_batch_size=4, meta_batch_size=4,
            num_groups=2, val_fraction=0.25, seed=0)
 

@@ -12,7 +12,8 @@ from .common import REFERENCE, CLIError, _act_bits, _check_model_id, _check_outp
 
 
 def cmd_demo(args) -> int:
-    """Quantize the reference pipeline (W4A8, gradient-aligned), compare with FP, write the picture and table."""
+    """Quantize the reference pipeline (W4A8, gradient-aligned weights unless --weighting uniform), compare
+    with FP, write the picture and table."""
     from ..config import GradientAlignedQuantizer
     from ..demo import LONGER_RUN, budget_for, run_demo
 
@@ -20,7 +21,7 @@ def cmd_demo(args) -> int:
     _check_output(out, overwrite=True)  # its files are replaced; other files in the folder stay
     _check_replaceable(out / "pipeline", REFERENCE)
     config = GradientAlignedQuantizer(weight_bits=args.weight_bits, act_bits=_act_bits(args.act_bits),
-                                      **budget_for(args.budget))
+                                      weighting=args.weighting, **budget_for(args.budget))
     if not args.verbose:  # the demo prints its steps and progress bars; per-unit log lines would bury them
         logging.getLogger("diffusers_gaq").setLevel(logging.WARNING)
     result = run_demo(out, config, budget_name=args.budget, num_images=args.num_images,

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-timestep-groups", type=int, metavar="N",
                    help="timestep groups of --timestep-aware layers (default: one per calibration timestep)")
     q.add_argument("--budget", choices=sorted(BUDGETS), default="default", help="calibration budget preset")
-    q.add_argument("--weighting", choices=["gradient_aligned", "uniform"])
+    q.add_argument("--weighting", choices=["gradient_aligned", "uniform"],
+                   help="sample weights (default uniform; gradient_aligned learns them, the paper's method)")
     q.add_argument("--method", choices=["reconstruction", "minmax"])
     q.add_argument("--timestep-schedule", choices=["uniform", "normal"])
     q.add_argument("--recon-iters", type=int)
@@ -124,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--budget", choices=sorted(BUDGETS), default="quick",
                    help="quick (default: about 3 minutes on 2 CPU cores) or a calibration preset; demo is the "
                         "documented budget of docs/benchmarks.md")
+    d.add_argument("--weighting", choices=["gradient_aligned", "uniform"], default="gradient_aligned",
+                   help="sample weights (default gradient_aligned: the demo shows the paper's learned weights; "
+                        "the library's default is uniform, docs/benchmarks.md 'Verdict (issue 13)')")
     d.add_argument("--num-images", type=int, default=QUICK_NUM_IMAGES,
                    help=f"FP and quantized images each (default {QUICK_NUM_IMAGES})")
     d.add_argument("--num-inference-steps", type=int, default=QUICK_STEPS,
