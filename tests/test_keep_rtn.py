@@ -10,7 +10,7 @@ from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE
 
 torch.set_num_threads(1)
 
-TINY = dict(weighting="gradient_aligned", num_inference_steps=6, num_calibration_timesteps=3, samples_per_timestep=8, num_groups=1,
+TINY = dict(num_inference_steps=6, num_calibration_timesteps=3, samples_per_timestep=8, num_groups=1,
             val_fraction=0.25, calibration_batch_size=8, recon_iters=8, recon_batch_size=8, weighting="uniform")
 
 
