@@ -156,7 +156,12 @@ def test_non_default_covers_every_field():
     assert set(NON_DEFAULT) == set(FIELDS)
     default = GradientAlignedQuantizer()
     for name, value in NON_DEFAULT.items():
+        if name == "weighting":  # its non-default, gradient_aligned, needs the default method: checked below
+            continue
         assert getattr(default, name) != value, name
+    non_default_weighting = GradientAlignedQuantizer(**dict(NON_DEFAULT, method="reconstruction",
+                                                            weighting="gradient_aligned"))
+    assert GradientAlignedQuantizer.from_dict(non_default_weighting.to_dict()) == non_default_weighting
 
 
 @pytest.mark.parametrize("kwargs", [{}, NON_DEFAULT], ids=["default", "non_default"])
