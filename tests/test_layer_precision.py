@@ -328,7 +328,7 @@ EXPRESSIBLE = dict(act_bits=8, act_symmetric=True, split_shortcut=False, quantiz
 
 def test_quanto_export_uses_per_module_types():
     # 8-bit convolutions only: they dequantize and run the same float op, so the export is exact.
-    config = GradientAlignedQuantizer(**EXPRESSIBLE, **TINY_BUDGET, layer_precision={
+    config = GradientAlignedQuantizer(**dict(TINY_BUDGET, **EXPRESSIBLE), layer_precision={
         "down_blocks.0.resnets.0.conv*": "w8a8", "up_blocks.1.*": "fp"})
     ours = quantize_pipeline(fp_pipeline(), config, progress=False).unet
     exported = export_to_quanto(ours)
@@ -346,7 +346,7 @@ def test_quanto_export_uses_per_module_types():
 
 
 def test_quanto_export_refuses_what_it_cannot_express_naming_the_layer(caplog):
-    config = GradientAlignedQuantizer(**EXPRESSIBLE, **dict(TINY_BUDGET, weighting="uniform"), method="minmax", layer_precision={
+    config = GradientAlignedQuantizer(**dict(TINY_BUDGET, **EXPRESSIBLE), method="minmax", layer_precision={
         "down_blocks.0.resnets.0.conv1": "a8", "down_blocks.0.resnets.0.conv2": "w4a6",
         "down_blocks.1.resnets.0.conv1": "w3a8"})
     ours = quantize_pipeline(fp_pipeline(), config, progress=False).unet
@@ -359,7 +359,7 @@ def test_quanto_export_refuses_what_it_cannot_express_naming_the_layer(caplog):
         line = next(line for line in message.splitlines() if line.startswith(line_start))
         assert name in line, (name, line)
     # weights only: the a8 layer has nothing left to quantize and stays a plain layer (its input quantizer dropped)
-    config2 = GradientAlignedQuantizer(**EXPRESSIBLE, **dict(TINY_BUDGET, weighting="uniform"), method="minmax",
+    config2 = GradientAlignedQuantizer(**dict(TINY_BUDGET, **EXPRESSIBLE), method="minmax",
                                        layer_precision={"down_blocks.0.resnets.0.conv1": "a8"})
     ours = quantize_pipeline(fp_pipeline(), config2, progress=False).unet
     with caplog.at_level("WARNING"):
