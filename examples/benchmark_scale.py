@@ -428,11 +428,10 @@ DEFAULT_UNITS = {
     "sdxl-unet": "down_blocks.0.resnets.0,down_blocks.1.attentions.0.transformer_blocks.0,"
                  "down_blocks.2.attentions.0.transformer_blocks.0",
 }
-# The meta step differentiates through its own gradient step (create_graph): its graph keeps every
-# (sample, head) slice of every attention map of the minibatch and the validation samples at once, which
-# chunking cannot bound; at 64x64 (4096 tokens) that is 64 MB per slice and copy, tens of GB at minibatch 8.
-NO_META_REASON = ("meta step not run: its second-order graph keeps every attention slice of the minibatch and the "
-                  "validation samples at once (chunking does not bound it)")
+# SDXL's 64x64 transformer block (4096 tokens): one reconstruction step takes minutes on one CPU thread and
+# a meta step 15-20 of them, so on a CPU its meta step is skipped for time. (Its memory: the meta step runs
+# by parts, one sample per chunk for this unit, calibration/meta_gradient.py; not measured at 64x64.)
+NO_META_REASON = "meta step not run on a CPU: about an hour per meta step for this unit on one thread"
 NO_META_UNITS = {"sdxl-unet": "down_blocks.1.attentions.0.transformer_blocks.0"}
 # Models calibrated without the rest of the model resident on a CPU (see drop_model_timing).
 DROP_MODEL = ("sdxl-unet",)
