@@ -265,6 +265,7 @@ def paired(args) -> None:
     by = {(r["method"], r["bits"], r["seed"]): r for r in rows}
     print(f"| bits | seeds | {args.b} - {args.a}: FID-ref (95 % CI) | PSNR dB (95 % CI) | excess ratio (mean) | pairs checked by data digest |")
     print("|---|---|---|---|---|---|")
+    relative = []
     for bits in sorted({r["bits"] for r in rows if r["method"] == args.a}):
         seeds = sorted(s for (m, b, s) in by if m == args.a and b == bits and (args.b, bits, s) in by)
         if not seeds:
@@ -280,6 +281,14 @@ def paired(args) -> None:
         ratio = (np.mean([y["fid_ref"] - fp for y in b]) / np.mean([x["fid_ref"] - fp for x in a])) if fp else float("nan")
         print(f"| {bits} | {len(seeds)} | {fid[0]:+.2f} ({fid[1]:+.2f}, {fid[2]:+.2f}) | "
               f"{psnr[0]:+.2f} ({psnr[1]:+.2f}, {psnr[2]:+.2f}) | {ratio:.2f} | {digests}/{len(seeds)} |")
+        if fp:
+            relative += [(y["fid_ref"] - x["fid_ref"]) / (x["fid_ref"] - fp) for x, y in zip(a, b)]
+    if len(relative) > 1:
+        # Every pair's difference as a fraction of A's excess over FP: comparable across bit widths
+        # (a 0.6x excess ratio is -0.4 at every width), so all pairs give one interval.
+        rel = paired_interval(relative)
+        print(f"\nAll {len(relative)} pairs: ({args.b} - {args.a}) / ({args.a}'s excess over FP) = {rel[0]:+.3f} "
+              f"(95 % CI {rel[1]:+.3f}, {rel[2]:+.3f}); an excess ratio of 0.6 is -0.400")
 
 
 def ablations(args) -> None:
