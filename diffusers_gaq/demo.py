@@ -26,12 +26,14 @@ QUICK_BUDGET = BUDGETS["quick"]  # config.py: every stage of the method at a fra
 QUICK_NUM_IMAGES = 64
 QUICK_STEPS = 20
 
-# What the longer run gives, measured (docs/benchmarks.md, "Quality on the reference pipeline"): quoted,
-# not computed, because it takes 10-25 minutes on this kind of machine.
+# What the longer run gives, measured (docs/benchmarks.md, "Verdict (issue 13)"): quoted, not computed,
+# because it takes 10-25 minutes on this kind of machine.
 LONGER_RUN = ("the documented `demo` budget (50-step trajectories, 24 per timestep, 160 reconstruction and 8 meta "
-              "iterations per block, as measured; the preset has 2 since issue 13; `diffusers-gaq demo --budget demo --num-images 256 --num-inference-steps 50`, "
-              "whose calibration alone took 345-600 s on a shared 2-core machine) gives W4A8 FID-ref 54.4 +/- 1.3 against FP 44.9 (+21 %, 1000 images, "
-              "3 seeds) and PSNR 27.5 dB vs FP (docs/benchmarks.md)")
+              "iterations per block, as measured; the preset has 2 since issue 13; `diffusers-gaq demo --budget demo "
+              "--num-images 256 --num-inference-steps 50`, whose calibration alone took 5-25 minutes on a shared 2-core "
+              "machine) gives W4A8 FID-ref 55.4 +/- 5.3 against FP 44.9 (+23 %, 1000 images, 5 seeds) and PSNR 27.3 dB "
+              "vs FP; uniform weights, the library's default, give the same (paired difference -0.08, 95 % CI -5.6, "
+              "+5.4; docs/benchmarks.md)")
 
 
 @dataclass

@@ -33,3 +33,18 @@ def test_demo_quick_preset_writes_picture_and_table(tmp_path):
     assert result["calibration_seconds"] > 0
     assert "| W4A8 |" in (out / "evaluation.md").read_text()
     assert (out / "pipeline" / "unet" / "quantization_config.json").is_file()
+
+
+def test_demo_learns_sample_weights_while_quantize_defaults_to_uniform():
+    """The demo shows the paper's learned weights; the library's default (quantize) is uniform weights,
+    issue 13's verdict; either is one flag away."""
+    from diffusers_gaq.cli.common import build_config
+    from diffusers_gaq.cli.parser import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["demo"]).weighting == "gradient_aligned"
+    assert parser.parse_args(["demo", "--weighting", "uniform"]).weighting == "uniform"
+    quantize = parser.parse_args(["quantize", "reference", "--output", "out"])
+    assert build_config(quantize).weighting == "uniform"
+    gac = parser.parse_args(["quantize", "reference", "--output", "out", "--weighting", "gradient_aligned"])
+    assert build_config(gac).weighting == "gradient_aligned"
