@@ -151,10 +151,11 @@ def meta_gradient(problem: UnitProblem, scores: torch.Tensor, batch: torch.Tenso
 
     if len(val_groups) > 1:
         # G_t = -(1/|B|) g_i . (eta v_t); a_t = d L_GM / d G_t; d_t = -(1/|B|) eta sum_i a_t[i] g_i
-        g = -_directional(problem, idx, theta, names, [[e * x for e, x in zip(eta, vt)] for vt in v], chunk) / size
-        g = g.detach().requires_grad_(True)
-        l_gm = gradient_matching_loss(list(g), config.gradient_matching)
-        (a,) = torch.autograd.grad(l_gm, g)
+        surrogate = -_directional(problem, idx, theta, names, [[e * x for e, x in zip(eta, vt)] for vt in v],
+                                  chunk) / size
+        surrogate = surrogate.detach().requires_grad_(True)  # [T, |B|]: the G_t
+        l_gm = gradient_matching_loss(list(surrogate), config.gradient_matching)
+        (a,) = torch.autograd.grad(l_gm, surrogate)
         d = [[-e * x / size for e, x in zip(eta, dt)]
              for dt in _vector_jacobian(problem, idx, theta, names, list(a), chunk)]
         hvp = [_group_hvp(problem, grp, theta_new, names, dt, chunk) for grp, dt in zip(val_groups, d)]
