@@ -62,17 +62,6 @@ def _zeros_if_none(grads, params):
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
-def _weighted_gradient(problem, idx, theta, names, weights, chunk):
-    """grad_theta sum_i weights[i] L_i(theta), over chunks of ``idx``; also the losses."""
-    params = [theta[n] for n in names]
-    total, losses = [None] * len(params), []
-    for sl in _chunks(len(idx), chunk):
-        loss = problem.losses(idx[sl], theta)
-        losses.append(loss.detach())
-        total = _add(total, torch.autograd.grad((weights[sl] * loss).sum(), params, allow_unused=True))
-    return _zeros_if_none(total, params), torch.cat(losses)
-
-
 def _directional(problem, idx, theta, names, directions, chunk) -> torch.Tensor:
     """[g_i . w for each direction w] for the samples ``idx`` at theta: a [len(directions), len(idx)]
     tensor. Per chunk: s = (sum_i u_i g_i) . w is linear in u, and d s / d u_i = g_i . w."""
@@ -91,24 +80,26 @@ def _directional(problem, idx, theta, names, directions, chunk) -> torch.Tensor:
     return out
 
 
-def _vector_jacobian(problem, idx, theta, names, coefficients, chunk):
-    """[grad_theta sum_i c[i] L_i(theta) for each row c of ``coefficients``], over chunks of ``idx``."""
+def _vector_jacobians(problem, idx, theta, names, coefficients, chunk):
+    """[grad_theta sum_i c[i] L_i(theta) for each row c of ``coefficients``], over chunks of ``idx``,
+    and the losses L_i(theta)."""
     params = [theta[n] for n in names]
-    totals = [[None] * len(params) for _ in coefficients]
+    totals, losses = [[None] * len(params) for _ in coefficients], []
     for sl in _chunks(len(idx), chunk):
         loss = problem.losses(idx[sl], theta)
+        losses.append(loss.detach())
         for k, c in enumerate(coefficients):
             grads = torch.autograd.grad(loss, params, grad_outputs=c[sl], retain_graph=k + 1 < len(coefficients),
                                         allow_unused=True)
             totals[k] = _add(totals[k], grads)
-    return [_zeros_if_none(t, params) for t in totals]
+    return [_zeros_if_none(t, params) for t in totals], torch.cat(losses)
 
 
 def _group_gradient(problem, group, theta, names, chunk):
     """L^V_t(theta) and its gradient, the mean over one validation group, by chunks."""
     dtype = next(iter(theta.values())).dtype
-    grad, values = _weighted_gradient(problem, group, theta, names,
-                                      torch.full((len(group),), 1.0 / len(group), dtype=dtype), chunk)
+    (grad,), values = _vector_jacobians(problem, group, theta, names,
+                                        [torch.full((len(group),), 1.0 / len(group), dtype=dtype)], chunk)
     return values.mean(), grad
 
 
@@ -142,7 +133,7 @@ def meta_gradient(problem: UnitProblem, scores: torch.Tensor, batch: torch.Tenso
     size = len(batch)
 
     # theta' from the weighted minibatch gradient (first order), a leaf for the passes at theta'.
-    inner, _ = _weighted_gradient(problem, idx, theta, names, w / size, chunk)
+    (inner,), _ = _vector_jacobians(problem, idx, theta, names, [w / size], chunk)
     theta_new = {n: (theta[n] - e * g).detach().requires_grad_(True) for n, e, g in zip(names, eta, inner)}
     values, v = zip(*[_group_gradient(problem, grp, theta_new, names, chunk) for grp in val_groups])
     values = torch.stack(values)
@@ -157,7 +148,7 @@ def meta_gradient(problem: UnitProblem, scores: torch.Tensor, batch: torch.Tenso
         l_gm = gradient_matching_loss(list(surrogate), config.gradient_matching)
         (a,) = torch.autograd.grad(l_gm, surrogate)
         d = [[-e * x / size for e, x in zip(eta, dt)]
-             for dt in _vector_jacobian(problem, idx, theta, names, list(a), chunk)]
+             for dt in _vector_jacobians(problem, idx, theta, names, list(a), chunk)[0]]
         hvp = [_group_hvp(problem, grp, theta_new, names, dt, chunk) for grp, dt in zip(val_groups, d)]
     else:  # no pair of groups to align
         l_gm, hvp = values.new_zeros(()), []
