@@ -80,9 +80,11 @@ def test_class_labels_are_checked_against_the_model():
 
 
 def test_sdxl_is_sampled_from_prompts_at_its_own_guidance_scale():
-    from diffusers_gaq.evaluation.sampling import _text_guidance
+    from diffusers_gaq.models import denoiser_of
 
     pipe = tiny_sdxl_pipeline()
     kind, cond = conditioning(pipe, SamplingPlan(num_images=3))
     assert kind == "text_to_image" and all(isinstance(c, str) for c in cond)
-    assert _text_guidance(pipe) == 5.0 and _text_guidance(build_pipeline("sd")) == 7.5
+    guidance = {k: denoiser_of(p)[0].default_guidance_scale for k, p in (("sdxl", pipe), ("sd", build_pipeline("sd")),
+                                                                        ("dit", build_pipeline("dit")))}
+    assert guidance == {"sdxl": 5.0, "sd": 7.5, "dit": 4.0}

@@ -32,8 +32,6 @@ EVALUATION_PROMPTS = (
     "a sailing boat on a calm sea at sunrise",
     "a plate of pasta with basil, food photography",
 )
-DIT_GUIDANCE_SCALE = 4.0  # DiTPipeline.__call__'s default
-SD_GUIDANCE_SCALE = 7.5  # StableDiffusionPipeline.__call__'s default
 
 
 @dataclass
@@ -127,20 +125,16 @@ def conditioning(pipe, plan: SamplingPlan) -> tuple[str, list]:
     return kind, [None] * n
 
 
-def _text_guidance(pipe) -> float:
-    """The pipeline's own default guidance scale: 7.5 for Stable Diffusion, 5.0 for SDXL."""
-    from ..models import denoiser_of
-    from ..models.unet2d_condition_xl import SDXL_GUIDANCE_SCALE, UNet2DConditionXLFamily
-
-    return SDXL_GUIDANCE_SCALE if issubclass(denoiser_of(pipe)[0], UNet2DConditionXLFamily) else SD_GUIDANCE_SCALE
-
-
 @torch.no_grad()
 def paired_samples(pipe, plan: SamplingPlan, progress: bool = False) -> tuple[np.ndarray, float]:
     """``plan.num_images`` samples as numpy [N, H, W, C] in [0, 1] and the seconds they took.
     Batch b starts from generator seed ``plan.seed + b``: two pipelines of the same model given the
     same plan start every image from the same noise with the same conditioning."""
+    from ..models import denoiser_of
+
     kind, cond = conditioning(pipe, plan)
+    # the pipeline's own default (DiT 4, SD 7.5, SDXL 5) unless the plan names one
+    scale = denoiser_of(pipe)[0].default_guidance_scale if plan.guidance_scale is None else plan.guidance_scale
     ddim = with_ddim(pipe)
     ddim.set_progress_bar_config(disable=not progress)
     out, start = [], time.perf_counter()
@@ -153,10 +147,8 @@ def paired_samples(pipe, plan: SamplingPlan, progress: bool = False) -> tuple[np
         elif kind == "class_conditional":
             images = ddim(class_labels=batch, eta=0.0, **common).images
         elif kind == "dit":
-            scale = DIT_GUIDANCE_SCALE if plan.guidance_scale is None else plan.guidance_scale
             images = ddim(class_labels=batch, guidance_scale=scale, **common).images
         else:
-            scale = _text_guidance(pipe) if plan.guidance_scale is None else plan.guidance_scale
             images = ddim(prompt=batch, guidance_scale=scale, eta=0.0, **common).images
         out.append(np.asarray(images, dtype=np.float64))
     seconds = time.perf_counter() - start

@@ -69,6 +69,9 @@ class ModelFamily:
     unit_types: tuple[type, ...] = ()
     # The pipeline attribute that holds the denoiser.
     component: str = "unet"
+    # The pipeline's own default classifier-free guidance scale (None: the pipeline has no guidance);
+    # calibration trajectories and evaluation samples use it unless the config / plan names one.
+    default_guidance_scale: float | None = None
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:

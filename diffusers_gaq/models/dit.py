@@ -32,6 +32,7 @@ class DiTFamily(ModelFamily):
     model_classes = (DiTTransformer2DModel, Transformer2DModel)
     unit_types = (BasicTransformerBlock,)
     component = "transformer"
+    default_guidance_scale = DIT_GUIDANCE_SCALE
 
     @classmethod
     def check(cls, model: nn.Module) -> None:
@@ -74,7 +75,7 @@ class DiTFamily(ModelFamily):
     def calibration_conditioning(cls, pipe, model, config, device=None) -> CalibrationConditioning:
         num_classes = model.config.num_embeds_ada_norm
         labels = labels_table(config, num_classes, "num_embeds_ada_norm")
-        scale = guidance_scale(config, DIT_GUIDANCE_SCALE)
+        scale = guidance_scale(config, cls.default_guidance_scale)
         if scale <= 1:  # DiTPipeline runs without guidance then: the conditional branch only
             return CalibrationConditioning([{"class_labels": labels}])
         null = torch.tensor([num_classes], dtype=torch.long)

@@ -66,6 +66,7 @@ class UNet2DConditionFamily(ModelFamily):
     model_classes = (UNet2DConditionModel,)
     unit_types = (ResnetBlock2D, BasicTransformerBlock, Downsample2D, Upsample2D, TimestepEmbedding)
     component = "unet"
+    default_guidance_scale = SD_GUIDANCE_SCALE
 
     @classmethod
     def check(cls, model: nn.Module) -> None:
@@ -110,7 +111,7 @@ class UNet2DConditionFamily(ModelFamily):
             raise ValueError("calibrating a UNet2DConditionModel needs its pipeline's text encoder: pass the "
                              "StableDiffusionPipeline to quantize_pipeline")
         prompts = list(config.calibration_prompts or DEFAULT_CALIBRATION_PROMPTS)
-        scale = guidance_scale(config, SD_GUIDANCE_SCALE)
+        scale = guidance_scale(config, cls.default_guidance_scale)
         device = pipe.text_encoder.device  # the text encoder stays where the caller put it
         # The pipeline's own encoder (tokenizer max length, clip_skip default, attention masks);
         # negative prompt "" as StableDiffusionPipeline uses by default.

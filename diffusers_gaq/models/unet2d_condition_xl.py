@@ -45,6 +45,7 @@ def is_text_time(model: nn.Module) -> bool:
 
 class UNet2DConditionXLFamily(UNet2DConditionFamily):
     name = "unet2d_condition_xl"
+    default_guidance_scale = SDXL_GUIDANCE_SCALE
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -100,7 +101,7 @@ class UNet2DConditionXLFamily(UNet2DConditionFamily):
             raise ValueError("calibrating an SDXL UNet needs its pipeline's two text encoders: pass the "
                              "StableDiffusionXLPipeline to quantize_pipeline")
         prompts = list(config.calibration_prompts or DEFAULT_CALIBRATION_PROMPTS)
-        scale = guidance_scale(config, SDXL_GUIDANCE_SCALE)
+        scale = guidance_scale(config, cls.default_guidance_scale)
         device = pipe.text_encoder_2.device  # the text encoders stay where the caller put them
         with torch.no_grad():
             cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
