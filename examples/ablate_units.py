@@ -89,18 +89,26 @@ VARIANT_SETS = {
 }
 
 
+def unit_problem(name, unit, inputs, targets, config, num_steps: int):
+    """A copy of ``unit`` ready to calibrate: its UnitProblem with the quantizers initialised on the
+    training split and AdaRound started, and the split: (problem, train_idx, val_groups, group, step_index)."""
+    step_index, group, is_val = assign_splits(config, num_steps, config.samples_per_timestep)
+    train_idx, val_idx = torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
+    val_groups = [val_idx[group[val_idx] == g] for g in range(config.num_groups)]
+    problem = UnitProblem(name, copy.deepcopy(unit), inputs, targets, torch.device("cpu"))
+    init_quantizers(problem, train_idx, config)
+    start_rounding(problem)
+    return problem, train_idx, val_groups, group, step_index
+
+
 def calibrate_unit(unit, inputs, targets, data, config, seed, init_scores=None):
     """One unit, one variant: returns the calibrated copy and what happened on the way (with the learned
     scores, which a carry_scores variant hands to its next unit). ``init_scores``: where the meta steps
     start (None: zero scores)."""
-    unit = copy.deepcopy(unit)
-    step_index, group, is_val = assign_splits(config, int(data.step_index.max()) + 1, config.samples_per_timestep)
-    train_idx, val_idx = torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
-    val_groups = [val_idx[group[val_idx] == g] for g in range(config.num_groups)]
+    problem, train_idx, val_groups, group, step_index = unit_problem("unit", unit, inputs, targets, config,
+                                                                     int(data.step_index.max()) + 1)
+    unit = problem.unit
     train_groups = [torch.nonzero(group[train_idx] == g).flatten() for g in range(config.num_groups)]
-    problem = UnitProblem("unit", unit, inputs, targets, torch.device("cpu"))
-    init_quantizers(problem, train_idx, config)
-    start_rounding(problem)
     theta = [p for ps in problem.trainable_params(config).values() for p in ps]
     num_steps = int(data.step_index.max()) + 1
     score_index = step_index[train_idx] if config.omega_granularity == "timestep" else None

@@ -18,7 +18,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ablate_units as A  # noqa: E402  (the shared set-up: pipeline, config, data, wrapped model)
 from diffusers_gaq.calibration import weighting as W
-from diffusers_gaq.calibration.data import assign_splits
 from diffusers_gaq.calibration.meta_gradient import meta_chunk_size, meta_gradient
 
 
@@ -34,11 +33,8 @@ def main() -> None:
     name = sys.argv[1]
     inputs = A.capture_unit(model, units[name], data, family, 64, "inputs")
     targets = A.capture_unit(model, units[name], data, family, 64, "output")
-    _, group, is_val = assign_splits(base, base.num_calibration_timesteps, base.samples_per_timestep)
-    train, val = torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
-    vg = [val[group[val] == g] for g in range(base.num_groups)]
-    problem = A.UnitProblem(name, copy.deepcopy(units[name]), inputs, targets, torch.device("cpu"))
-    A.init_quantizers(problem, train, base); A.start_rounding(problem)
+    problem, train, vg, _, _ = A.unit_problem(name, units[name], inputs, targets, base, base.num_calibration_timesteps)
+    val = torch.cat(vg).sort().values  # the groups1 row: all validation samples as one group
     theta = problem.named_trainable(base)
     variants = [("paper form", base), ("cosine-adam", base.replace(gradient_matching="cosine", inner_step="adam")),
                 ("groups1", base.replace(num_groups=1))]

@@ -24,7 +24,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ablate_units as A  # noqa: E402  (the shared set-up: pipeline, config, data, wrapped model)
 
-from diffusers_gaq.calibration.data import assign_splits  # noqa: E402
 from diffusers_gaq.calibration.weighting import meta_terms  # noqa: E402
 
 UNITS = ("down_blocks.1.resnets.1", "up_blocks.3.resnets.0")
@@ -67,12 +66,8 @@ def main() -> None:
         inputs = A.capture_unit(model, units[name], data, family, 64, "inputs")
         targets = A.capture_unit(model, units[name], data, family, 64, "output")
         if with_variants:
-            _, group, is_val = assign_splits(base, base.num_calibration_timesteps, base.samples_per_timestep)
-            train, val = torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
-            val_groups = [val[group[val] == g] for g in range(base.num_groups)]
-            problem = A.UnitProblem(name, copy.deepcopy(units[name]), inputs, targets, torch.device("cpu"))
-            A.init_quantizers(problem, train, base)
-            A.start_rounding(problem)
+            problem, train, val_groups, _, _ = A.unit_problem(name, units[name], inputs, targets, base,
+                                                              base.num_calibration_timesteps)
             for label, overrides in VARIANTS.items():
                 l_gm, l_v, g_gm, g_v = gradient_shares(problem, train, val_groups, base.replace(**overrides),
                                                        torch.Generator().manual_seed(1))
@@ -81,12 +76,8 @@ def main() -> None:
             continue
         for inner_lr in (0.01, 1.0, 100.0):
             config = base.replace(inner_lr=inner_lr)
-            _, group, is_val = assign_splits(config, base.num_calibration_timesteps, config.samples_per_timestep)
-            train, val = torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
-            val_groups = [val[group[val] == g] for g in range(config.num_groups)]
-            problem = A.UnitProblem(name, copy.deepcopy(units[name]), inputs, targets, torch.device("cpu"))
-            A.init_quantizers(problem, train, config)
-            A.start_rounding(problem)
+            problem, train, val_groups, _, _ = A.unit_problem(name, units[name], inputs, targets, config,
+                                                              base.num_calibration_timesteps)
             _, history = A.learn_scores(problem, torch.zeros(len(train)), train, val_groups, config,
                                         torch.Generator().manual_seed(1), progress=False)
             print(f"{name} inner_lr {inner_lr} L_GM first/last {history[0]['l_gm']:.3g} {history[-1]['l_gm']:.3g} "
