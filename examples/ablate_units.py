@@ -210,7 +210,8 @@ def main() -> None:
     pipe = load_reference_pipeline()
     budget = dict(BUDGETS[args.budget])
     budget.update({k: v for k, v in (("recon_iters", args.recon_iters), ("meta_iters", args.meta_iters)) if v is not None})
-    base = GradientAlignedQuantizer(weight_bits=4, act_bits=8, seed=args.seed, **budget)
+    # The variants are of the meta objective: "default" is the paper's form, "uniform" turns the weights off.
+    base = GradientAlignedQuantizer(weight_bits=4, act_bits=8, seed=args.seed, weighting="gradient_aligned", **budget)
     family = family_for(pipe.unet)
     data = collect_calibration_data(pipe.unet, pipe.scheduler.config, family, base, progress=False)
     # Test trajectories: other initial noise (another seed), the same calibration timesteps.

@@ -73,7 +73,9 @@ def config_for(budget: str, device: str):
     from diffusers_gaq import GradientAlignedQuantizer
     from diffusers_gaq.config import BUDGETS
 
-    return GradientAlignedQuantizer(**dict(BUDGETS[budget], weight_bits=4, act_bits=8, device=device))
+    # every stage of calibration, the meta step included (uniform weights, the default, would skip it)
+    return GradientAlignedQuantizer(**dict(BUDGETS[budget], weight_bits=4, act_bits=8, weighting="gradient_aligned",
+                                           device=device))
 
 
 def round_trip(preset: dict, device: str) -> dict:

@@ -39,7 +39,9 @@ def main() -> None:
     budget = dict(BUDGETS[args.budget])
     if args.recon_iters is not None:
         budget["recon_iters"] = args.recon_iters
-    config = GradientAlignedQuantizer(weight_bits=args.weight_bits, act_bits=args.act_bits, **budget)
+    # the conflict before and after the learned weights: gradient-aligned weighting, not the default
+    config = GradientAlignedQuantizer(weight_bits=args.weight_bits, act_bits=args.act_bits,
+                                      weighting="gradient_aligned", **budget)
     qpipe = quantize_pipeline(load_reference_pipeline(), config, progress=False, record_conflict=True)
     report = qpipe.unet.gaq_report
     rows = []

@@ -74,7 +74,9 @@ def main() -> None:
     w, a = parse_bits(args.bits)
     base = json.loads(args.base)
     for seed in [int(s) for s in args.seeds.split(",")]:
-        config0 = GradientAlignedQuantizer(weight_bits=w, act_bits=a, seed=seed, **{**BUDGETS[args.budget], **base})
+        # gradient-aligned weights, as when the sweeps were recorded (--base may set weighting)
+        config0 = GradientAlignedQuantizer(weight_bits=w, act_bits=a, seed=seed,
+                                           **{**BUDGETS[args.budget], "weighting": "gradient_aligned", **base})
         data = collect_calibration_data(pipe.unet, pipe.scheduler.config, family_for(pipe.unet), config0, progress=False)
         for spec in args.variant:
             label, _, overrides = spec.partition("=")
