@@ -311,12 +311,19 @@ def _quant_state(unet):
     return out
 
 
-def test_meta_iters_zero_is_exactly_uniform():
+def random_reference_run():
+    """A random-weight reference UNet (seed 0) in a DDIM pipeline, the E2E config and its calibration
+    data: what the equal-weights-are-uniform tests calibrate both ways."""
     torch.manual_seed(0)
     pipe = DDIMPipeline(unet=UNet2DModel(**REFERENCE_UNET_CONFIG).eval(),
                         scheduler=DDIMScheduler(**REFERENCE_SCHEDULER_CONFIG))
     base = GradientAlignedQuantizer(**E2E)
     data = collect_calibration_data(pipe.unet, pipe.scheduler.config, family_for(pipe.unet), base, progress=False)
+    return pipe, base, data
+
+
+def test_meta_iters_zero_is_exactly_uniform():
+    pipe, base, data = random_reference_run()
     ga = quantize_pipeline(pipe, base.replace(weighting="gradient_aligned", meta_iters=0), calibration_data=data,
                            progress=False)
     uni = quantize_pipeline(pipe, base.replace(weighting="uniform", meta_iters=5), calibration_data=data,

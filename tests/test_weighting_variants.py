@@ -7,10 +7,8 @@ import itertools
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
 from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline
-from diffusers_gaq.calibration.data import collect_calibration_data
 from diffusers_gaq.calibration.weighting import (
     gradient_matching_loss,
     inner_step_sizes,
@@ -21,9 +19,7 @@ from diffusers_gaq.calibration.weighting import (
     sample_weights,
     weights_of_samples,
 )
-from diffusers_gaq.models import family_for
-from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
-from test_weighting import E2E, _gen, _linear_problem, _quant_state, _theta
+from test_weighting import _gen, _linear_problem, _quant_state, _theta, random_reference_run
 
 torch.set_num_threads(1)
 
@@ -179,11 +175,7 @@ def test_variant_learned_weights_positive_and_sum_to_their_count(variant):
 
 @pytest.fixture(scope="module")
 def tiny_pipeline():
-    torch.manual_seed(0)
-    pipe = DDIMPipeline(unet=UNet2DModel(**REFERENCE_UNET_CONFIG).eval(),
-                        scheduler=DDIMScheduler(**REFERENCE_SCHEDULER_CONFIG))
-    base = GradientAlignedQuantizer(**E2E)
-    data = collect_calibration_data(pipe.unet, pipe.scheduler.config, family_for(pipe.unet), base, progress=False)
+    pipe, base, data = random_reference_run()
     uniform = quantize_pipeline(pipe, base.replace(weighting="uniform"), calibration_data=data, progress=False)
     return pipe, base, data, _quant_state(uniform.unet)
 
