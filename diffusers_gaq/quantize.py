@@ -19,7 +19,7 @@ from .modeling import QuantizationState, mark_quantized
 from .models import denoiser_of, rebuild_pipeline
 from .models import supported_pipelines as _supported_pipelines
 from .models.wrap import check_layer_patterns, reconstruction_units, set_quant_state, wrap_model
-from .runtime import resolve_device
+from .system import resolve_device
 
 logger = logging.getLogger(__name__)
 

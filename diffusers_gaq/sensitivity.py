@@ -34,7 +34,7 @@ from .evaluation import as_ddim, generate, sample_psnr
 from .files import atomic_write_text
 from .models import denoiser_of, rebuild_pipeline
 from .models.wrap import attention_cores, quant_layers, set_observing, set_quant_state, wrap_model
-from .runtime import resolve_device
+from .system import resolve_device
 
 logger = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline  # noqa: E402
 from diffusers_gaq.quanto_export import WEIGHTS_NAME as QUANTO_WEIGHTS  # noqa: E402
 from diffusers_gaq.quanto_export import export_to_quanto, save_quanto
-from diffusers_gaq.runtime import PeakRSS  # noqa: E402
+from diffusers_gaq.system import PeakRSS  # noqa: E402
 from diffusers_gaq.serialization import WEIGHTS_NAME  # noqa: E402
 
 logger = logging.getLogger("benchmark_export")

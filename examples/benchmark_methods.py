@@ -36,7 +36,7 @@ from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline  # noqa: E
 from diffusers_gaq.config import BUDGETS  # noqa: E402
 from diffusers_gaq.evaluation import fid_reference, generate, sample_psnr  # noqa: E402
 from diffusers_gaq.reference import load_reference_pipeline  # noqa: E402
-from diffusers_gaq.runtime import PeakRSS  # noqa: E402
+from diffusers_gaq.system import PeakRSS  # noqa: E402
 
 
 def parse_bits(tag: str) -> tuple[int, int | None]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from ..runtime import setup_logging
+from ..system import setup_logging
 from .common import REFERENCE, CLIError, build_config, load_pipeline
 from .parser import build_parser
 

@@ -21,7 +21,7 @@ def cmd_quantize(args) -> int:
     from ..distributed import is_main_process, wait_for_everyone
     from ..modeling import save_quantized_pipeline
     from ..quantize import quantize_pipeline
-    from ..runtime import resolve_device
+    from ..system import resolve_device
 
     # Everything that can be checked without the model is checked before it is loaded; the rest
     # (pipeline type, disk space for its size, the checkpoint's fingerprint) before any sampling.

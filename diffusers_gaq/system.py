@@ -1,4 +1,4 @@
-"""Where and how this process runs: the device, its peak memory, the log format."""
+"""This process and its machine: the device, its peak memory, the log format."""
 
 from __future__ import annotations
 

@@ -1,0 +1,269 @@
+"""Runtime layers: a calibrated Conv2d / Linear holding integer weights and no float copy of them.
+
+An :class:`IntegerConv2d` / :class:`IntegerLinear` is built from a frozen fake-quant layer
+(quant.layers.QuantLayer) and computes what it computes:
+
+- weights: the per-channel codes minus their zero point, as int8 plus an integer offset per output
+  channel where 8-bit asymmetric codes do not fit int8 (kernels.signed_weight); the scales as float32;
+- input: the layer's own calibrated activation quantizers (kept as modules: a few scalars each, and
+  the timestep-group hook of models/timestep_groups.py reaches them where it reaches the simulated
+  ones); a split input (Q-Diffusion's shortcut splitting) runs as one integer call per part, each
+  with its own scale, summed in float;
+- kernel ``onednn``: activation codes in uint8 and oneDNN's int8 call; the result equals the
+  simulated layer up to float accumulation order (int32 accumulation is exact; the scaling and the
+  bias are float32). Kernel ``dequantize``: bit-identical to the simulated layer, on any device.
+
+Pure torch: nothing here knows about diffusers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant.layers import QuantConv2d, QuantLayer, QuantLinear
+from ..quant.quantizers import ActQuantizer
+from . import kernels
+
+
+def _effective_step(q: ActQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step sizes and zero points the simulated quantizer computes with (one per timestep group)."""
+    return (q.scale.detach().abs() + 1e-12).reshape(-1), q.zero_point.detach().reshape(-1)
+
+
+class IntegerLayer(nn.Module):
+    """Base of :class:`IntegerConv2d` and :class:`IntegerLinear`."""
+
+    is_conv = False
+
+    def __init__(self, qlayer: QuantLayer, kernel: str):
+        super().__init__()
+        wq = qlayer.weight_quantizer
+        if wq is None or wq.mode != "frozen" or not qlayer.use_weight_quant:
+            raise ValueError("only a calibrated layer with frozen integer weights can run on the integer runtime")
+        out_channels = wq.codes.shape[0]
+        zero_point = wq.zero_point.detach().float().reshape(-1).expand(out_channels)
+        weight, offset = kernels.signed_weight(wq.codes, zero_point)
+        self.weight_bits = wq.bits
+        self.register_buffer("weight_scale", wq.scale.detach().float().reshape(-1).expand(out_channels).clone())
+        self.register_buffer("weight_offset", offset if bool(offset.ne(0).any()) else None)
+        bias = qlayer.layer.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("weight_int8", weight)
+        self.weight_shape = tuple(weight.shape)
+        quantized_input = qlayer.use_act_quant and qlayer.act_quantizer is not None
+        self.act_quantizer = qlayer.act_quantizer if quantized_input else None
+        self.split_quantizer = qlayer.split_quantizer if quantized_input else None
+        self.split_at = qlayer.split_at if self.split_quantizer is not None else None
+        self.kernel = "dequantize"
+        self._packed: list[torch.Tensor] = []
+        if kernel == "onednn":
+            self._pack()
+        self.requires_grad_(False)  # an inference form: the calibrated steps are fixed
+
+    # ---- what the layer can run on -------------------------------------------------------------------
+    def onednn_refusal(self) -> str | None:
+        """Why oneDNN's int8 kernel cannot compute this layer exactly (None: it can)."""
+        if self.act_quantizer is None:
+            return "its input is not quantized (weight-only precision): an integer kernel needs integer inputs"
+        bits = max(q.bits for q in self.act_quantizers())
+        if bits > 8:
+            return f"its input is quantized to {bits} bits, wider than the kernel's uint8"
+        return None
+
+    def act_quantizers(self) -> list[ActQuantizer]:
+        return [q for q in (self.act_quantizer, self.split_quantizer) if q is not None]
+
+    def _parts(self) -> list[tuple[slice, ActQuantizer]]:
+        if self.split_at is None:
+            return [(slice(None), self.act_quantizer)]
+        return [(slice(0, self.split_at), self.act_quantizer), (slice(self.split_at, None), self.split_quantizer)]
+
+    def _pack(self) -> None:
+        reason = self.onednn_refusal()
+        if reason is not None:
+            raise ValueError(reason)
+        dense = self.weight_int8
+        self._packed = [self._pack_part(dense[:, part].contiguous()) for part, _ in self._parts()]
+        self.weight_int8 = None  # the packed copy is the only one
+        self.kernel = "onednn"
+
+    def dense_weight(self) -> torch.Tensor:
+        """The int8 weight in plain layout, wherever it is held."""
+        if self.weight_int8 is not None:
+            return self.weight_int8
+        return torch.cat([kernels.unpack_weight(p, linear=not self.is_conv) for p in self._packed], dim=1)
+
+    def _apply(self, fn, recurse=True):
+        # oneDNN's packed layout cannot be moved or cast: go through the plain int8 weight, and pack
+        # again when the layer stays on the CPU.
+        packed = self.kernel == "onednn"
+        if packed:
+            self.weight_int8, self._packed, self.kernel = self.dense_weight(), [], "dequantize"
+        super()._apply(fn, recurse)
+        if packed and self.weight_int8.device.type == "cpu":
+            self._pack()
+        return self
+
+    def weight_nbytes(self) -> int:
+        """Bytes the weights take in memory: int8 values, scales, offsets, bias."""
+        n = sum(p.numel() for p in self._packed) if self._packed else self.weight_int8.numel()
+        for t in (self.weight_scale, self.weight_offset, self.bias):
+            if t is not None:
+                n += t.numel() * t.element_size()
+        return n
+
+    # ---- forward -------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel != "onednn" or x.device.type != "cpu" or x.dtype != torch.float32:
+            return self._forward_dequantized(x)
+        groups = self._group_index(x)
+        if groups is None:
+            return self._forward_integer(x, 0)
+        first = int(groups[0])
+        if bool((groups == first).all()):  # a sampler calls with one timestep for the whole batch
+            return self._forward_integer(x, first)
+        out = None
+        for g in torch.unique(groups).tolist():
+            rows = (groups == g).nonzero().flatten()
+            part = self._forward_integer(x.index_select(0, rows), int(g))
+            if out is None:
+                out = part.new_empty((x.shape[0],) + part.shape[1:])
+            out[rows] = part
+        return out
+
+    def _group_index(self, x: torch.Tensor) -> torch.Tensor | None:
+        for q in self.act_quantizers():
+            if q.timestep_aware:
+                return q._sample_groups(x.new_empty(x.shape[0], 0))
+        return None
+
+    def _forward_integer(self, x: torch.Tensor, group: int) -> torch.Tensor:
+        out, total = None, None
+        for i, (part, q) in enumerate(self._parts()):
+            steps, zeros = _effective_step(q)
+            g = group if q.timestep_aware else 0
+            s, z = steps[g], zeros[g]
+            xp = x[:, part] if self.split_at is not None else x
+            codes = kernels.activation_codes(xp, s, z, q.bits)
+            y = self._integer_call(codes, float(s), int(z), self._packed[i], self.bias if i == 0 else None)
+            out = y if out is None else out + y
+            if self.weight_offset is not None:
+                part_sum = self._input_sum(kernels.dequantize_codes(codes, s, z))
+                total = part_sum if total is None else total + part_sum
+        if self.weight_offset is not None:
+            out = out + self._channel_view(self.weight_scale * self.weight_offset, out) * total
+        return out
+
+    def _forward_dequantized(self, x: torch.Tensor) -> torch.Tensor:
+        """The simulated layer's arithmetic, from the integer weights (bit-identical to it)."""
+        if self.act_quantizer is not None:
+            if self.split_at is None:
+                x = self.act_quantizer(x)
+            else:
+                x = torch.cat([self.act_quantizer(x[:, : self.split_at]), self.split_quantizer(x[:, self.split_at :])],
+                              dim=1)
+        scale = self.weight_scale.to(x.dtype)
+        codes = self.dense_weight().to(scale.dtype)
+        if self.weight_offset is not None:
+            codes = codes + self.weight_offset.to(scale.dtype).reshape((-1,) + (1,) * (codes.dim() - 1))
+        w = codes * scale.reshape((-1,) + (1,) * (codes.dim() - 1))
+        return self._float_call(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _channel_view(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _pack_part(self, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _integer_call(self, codes, x_scale, x_zero_point, packed, bias):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _float_call(self, x, w, bias):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _input_sum(self, x_hat):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class IntegerConv2d(IntegerLayer):
+    is_conv = True
+
+    def __init__(self, qlayer: QuantConv2d, kernel: str):
+        conv = qlayer.layer
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.groups, self.kernel_size = conv.groups, conv.kernel_size
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.padding_mode = conv.padding_mode
+        super().__init__(qlayer, kernel)
+
+    def onednn_refusal(self) -> str | None:
+        if self.padding_mode != "zeros":
+            return f"padding_mode {self.padding_mode!r} (the kernel pads with zeros)"
+        if isinstance(self.padding, str):
+            return f"padding {self.padding!r} (the kernel takes explicit padding)"
+        if self.groups != 1:
+            return f"groups={self.groups} (the runtime's integer convolution is for groups=1)"
+        return super().onednn_refusal()
+
+    def _pack_part(self, weight):
+        return kernels.pack_conv_weight(weight, self.weight_scale, self.stride, self.padding, self.dilation, 1)
+
+    def _integer_call(self, codes, x_scale, x_zero_point, packed, bias):
+        codes = codes.contiguous(memory_format=torch.channels_last)  # oneDNN's native layout
+        return kernels.onednn_conv(codes, x_scale, x_zero_point, packed, self.weight_scale, bias, self.stride,
+                                   self.padding, self.dilation, 1)
+
+    def _float_call(self, x, w, bias):
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding(), mode=self.padding_mode)
+            return F.conv2d(x, w, bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _reversed_padding(self):
+        return [p for p in reversed(self.padding) for _ in range(2)]
+
+    def _input_sum(self, x_hat):
+        return kernels.window_sum(x_hat, self.kernel_size, self.stride, self.padding, self.dilation)
+
+    def _channel_view(self, v, like):
+        return v.reshape(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"w{self.weight_bits}, kernel={self.kernel}")
+
+
+class IntegerLinear(IntegerLayer):
+    def __init__(self, qlayer: QuantLinear, kernel: str):
+        self.in_features, self.out_features = qlayer.layer.in_features, qlayer.layer.out_features
+        super().__init__(qlayer, kernel)
+
+    def onednn_refusal(self) -> str | None:
+        if self.split_at is not None:
+            return "its input is split between two quantizers (a convolution's skip concatenation only)"
+        return super().onednn_refusal()
+
+    def _pack_part(self, weight):
+        return kernels.pack_linear_weight(weight)
+
+    def _integer_call(self, codes, x_scale, x_zero_point, packed, bias):
+        return kernels.onednn_linear(codes, x_scale, x_zero_point, packed, self.weight_scale, bias)
+
+    def _float_call(self, x, w, bias):
+        return F.linear(x, w, bias)
+
+    def _input_sum(self, x_hat):
+        return x_hat.sum(dim=-1, keepdim=True)
+
+    def _channel_view(self, v, like):
+        return v
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, w{self.weight_bits}, kernel={self.kernel}"
+
+
+def integer_layer(qlayer: QuantLayer, kernel: str) -> IntegerLayer:
+    cls = IntegerConv2d if isinstance(qlayer, QuantConv2d) else IntegerLinear
+    return cls(qlayer, kernel)
