@@ -42,6 +42,7 @@ from .models import family_for
 from .models.timestep_groups import TimestepGroups, install_timestep_groups
 from .models.wrap import WrapReport, set_quant_state, wrap_model
 from .quant.quantizers import has_timestep_aware
+from .runtime import RuntimeReport, check_runtime, is_integer_runtime, to_integer_runtime
 from .serialization import (
     MODEL_CONFIG_NAME,
     WEIGHTS_NAME,
@@ -71,6 +72,7 @@ class QuantizationState:
     report: object | None = None  # calibration.calibrate.CalibrationReport
     evaluation: dict | None = None
     base_model: str | None = None
+    runtime: RuntimeReport | None = None  # None: the simulated (fake-quant) model
 
 
 def _state_field(name: str, doc: str) -> property:
@@ -100,15 +102,22 @@ class QuantizedModelMixin:
         return save_quantized(self, save_directory, overwrite=overwrite, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load a diffusers-gaq checkpoint (folder or Hub repo id). Hub options (revision, token,
-        cache_dir, local_files_only, force_download, endpoint) go to huggingface_hub; diffusers' loading
-        options that do not apply to a quantized model (torch_dtype, variant, ...) are ignored."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *, runtime: str = "auto", **kwargs):
+        """Load a diffusers-gaq checkpoint (folder or Hub repo id) for inference.
+
+        ``runtime="auto"`` (the default) gives the fastest form that reproduces the simulated model on
+        the device: int8 weights on oneDNN's integer kernels on x86 CPUs, int8 weights dequantized per
+        call elsewhere; ``"onednn"`` / ``"dequantize"`` ask for one; ``"simulated"`` loads the fake-quant
+        model calibration uses (float weights, bit-identical to the saved one; needed to save it again,
+        push it or export it). Hub options (revision, token, cache_dir, local_files_only, force_download,
+        endpoint) go to huggingface_hub; diffusers' loading options that do not apply to a quantized model
+        (torch_dtype, variant, ...) are ignored."""
         hub_options = ("revision", "token", "cache_dir", "local_files_only", "force_download", "endpoint")
         hub = {k: kwargs[k] for k in hub_options if kwargs.get(k) is not None}
-        return load_quantized(pretrained_model_name_or_path, device=kwargs.get("device"), **hub)
+        return load_quantized(pretrained_model_name_or_path, device=kwargs.get("device"), runtime=runtime, **hub)
 
     def push_to_hub(self, repo_id: str, **kwargs):
+        _require_simulated(self, "push")
         return push_quantized(self, repo_id, **kwargs)
 
 
@@ -130,6 +139,9 @@ class QuantizedTransformer2DModel(QuantizedModelMixin, Transformer2DModel):
 
 QUANTIZED_CLASSES = {cls.diffusers_base_class: cls for cls in (
     QuantizedUNet2DModel, QuantizedUNet2DConditionModel, QuantizedDiTTransformer2DModel, QuantizedTransformer2DModel)}
+
+
+QUANTIZED_CLASS_NAMES = {cls.__name__ for cls in QUANTIZED_CLASSES.values()}
 
 
 def quantized_class(base: type) -> type:
@@ -159,6 +171,7 @@ def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool 
     # Like diffusers' save_pretrained, a save replaces an earlier save; unlike it, never other files
     # (overwrite=True allows no more than that: it is accepted for symmetry with the pipeline save).
     check_replaceable(target, pipeline=False)
+    _require_simulated(model, "save")
     state = model.quantization
     with atomic_directory(target) as tmp:
         write_quantized_files(model, tmp, config=state.config, wrap=state.wrap, report=state.report,
@@ -180,6 +193,7 @@ def save_quantized_pipeline(pipe, save_directory: str | os.PathLike, *, overwrit
     if component is None:
         raise TypeError(f"the {type(pipe).__name__} holds no quantized denoiser; quantize it with quantize_pipeline() "
                         "first, or save an FP pipeline with its own save_pretrained")
+    _require_simulated(pipe.components[component], "save")
     target = Path(save_directory)
     if not overwrite:
         check_new_or_empty(target)
@@ -205,9 +219,13 @@ def resolve_checkpoint(path_or_repo: str | os.PathLike, **hub_kwargs) -> Path:
     return Path(snapshot_download(str(path_or_repo), allow_patterns=allowed, **hub_kwargs))
 
 
-def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device | None = None, **hub_kwargs):
-    """Rebuild a quantized model that computes bit-identically to the one that was saved. Everything
-    read is verified (checkpoint_checks.py); a checkpoint that disagrees with itself raises CheckpointError."""
+def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device | None = None,
+                   runtime: str = "auto", **hub_kwargs):
+    """Rebuild a saved quantized model. ``runtime="simulated"`` gives the fake-quant model, computing
+    bit-identically to the one that was saved; any other runtime converts it to the integer runtime
+    (runtime/; see ``QuantizedModelMixin.from_pretrained``). Everything read is verified
+    (checkpoint_checks.py); a checkpoint that disagrees with itself raises CheckpointError."""
+    check_runtime(runtime)
     folder = resolve_checkpoint(path_or_repo, **hub_kwargs)
     qcfg = read_quantization_config(folder)
     config = saved_quantizer_config(qcfg, folder / CONFIG_NAME)
@@ -248,18 +266,38 @@ def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device |
     mark_quantized(model, QuantizationState(config, wrap, report, base_model=qcfg.get("base_model")))
     if device is not None:
         model.to(device)
+    if runtime != "simulated":
+        if runtime == "auto" and device is not None and torch.device(device).type != "cpu":
+            runtime = "dequantize"  # oneDNN's kernels are CPU kernels
+        model.quantization.runtime = to_integer_runtime(model, runtime)
     return model
 
 
-def load_quantized_pipeline(path_or_repo: str | os.PathLike, **kwargs):
+def _require_simulated(model, action: str) -> None:
+    if is_integer_runtime(model):
+        raise ValueError(f"cannot {action} a model loaded on the integer runtime: it holds the integer weights in the "
+                         "kernels' layout only. Load it with runtime='simulated' (Quantized<Class>.from_pretrained(path, "
+                         "runtime='simulated')) to save, push or export it")
+
+
+def load_quantized_pipeline(path_or_repo: str | os.PathLike, *, runtime: str = "auto", **kwargs):
     """Reload a pipeline saved with ``pipeline.save_pretrained`` (its denoiser quantized): the same
     as ``DiffusionPipeline.from_pretrained(path)``, which finds ``diffusers_gaq``'s quantized class
-    (``QuantizedUNet2DModel``, ``QuantizedDiTTransformer2DModel``, ...) through model_index.json.
-    A pipeline class diffusers does not ship (``ClassConditionalDDIMPipeline``) is looked up here."""
+    (``QuantizedUNet2DModel``, ``QuantizedDiTTransformer2DModel``, ...) through model_index.json and
+    loads the denoiser on the integer runtime. ``runtime`` picks the denoiser's form (see
+    ``QuantizedModelMixin.from_pretrained``). A pipeline class diffusers does not ship
+    (``ClassConditionalDDIMPipeline``) is looked up here."""
+    check_runtime(runtime)
     kwargs.setdefault("local_files_only", Path(path_or_repo).is_dir())
     index = Path(path_or_repo) / "model_index.json"
     pipeline_class = DiffusionPipeline
     if index.is_file():
+        entries = read_json(index)
         # diffusers resolves `_class_name` in its own namespace only.
-        pipeline_class = getattr(class_conditional_pipeline, read_json(index).get("_class_name", ""), DiffusionPipeline)
+        pipeline_class = getattr(class_conditional_pipeline, entries.get("_class_name", ""), DiffusionPipeline)
+        if runtime != "auto":  # diffusers' loader calls from_pretrained without it: load the denoiser here
+            for name, entry in entries.items():
+                if isinstance(entry, list) and len(entry) == 2 and entry[1] in QUANTIZED_CLASS_NAMES and name not in kwargs:
+                    kwargs[name] = load_quantized(Path(path_or_repo) / name, device=kwargs.get("device"),
+                                                  runtime=runtime)
     return pipeline_class.from_pretrained(str(path_or_repo), **kwargs)

@@ -40,6 +40,7 @@ from .files import atomic_save_safetensors, atomic_write_text
 from .quant.layers import QuantLayer
 from .quant.packing import pack_bits, packed_nbytes, unpack_bits
 from .quant.quantizers import ActQuantizer
+from .runtime import is_integer_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ def _act_quantizers(model):
 def quantized_state_dict(model) -> dict[str, torch.Tensor]:
     """The model's tensors with every hardened weight replaced by packed codes, and the quantizer
     state flattened into the ``gaq.*`` tensors above."""
+    if is_integer_runtime(model):
+        raise ValueError("the model runs on the integer runtime, which holds its weights in the kernels' layout only: "
+                         "load it with runtime='simulated' to save it")
     state = model.state_dict()
     codes, scales, zeros = [], [], []
     for name, layer in _quant_layers(model):

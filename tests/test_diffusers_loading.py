@@ -1,5 +1,5 @@
 """diffusers' own loading path on a saved quantized model (issue 16): the base class's
-`from_pretrained` returns the quantized model itself (outputs torch.equal to the saved one) after
+`from_pretrained` returns the quantized model itself (on the integer runtime, as diffusers_gaq's own loader gives it) after
 `import diffusers_gaq`, and refuses, naming diffusers_gaq, without it; never FP-looking random weights."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from diffusers import DiffusionPipeline
 from test_families import CASES, TINY, build_pipeline, example, raw_output
 
 from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline
-from diffusers_gaq.modeling import QuantizedModelMixin, save_quantized_pipeline
+from diffusers_gaq.modeling import QuantizedModelMixin, load_quantized, save_quantized_pipeline
 from diffusers_gaq.models import family_for
+from diffusers_gaq.runtime import is_integer_runtime
 from diffusers_gaq.serialization import quantized_state_dict
 
 torch.set_num_threads(1)
@@ -46,15 +47,19 @@ def test_base_class_from_pretrained_gives_the_quantized_model(kind, saved):
     loaded = base.from_pretrained(folder, subfolder=component)
     assert isinstance(loaded, QuantizedModelMixin) and isinstance(loaded, base)
     assert type(loaded) is type(model)
+    # Loaded for inference: the integer runtime, the same model diffusers_gaq's own loader gives.
+    assert is_integer_runtime(loaded)
+    own = load_quantized(folder / component)
     x, t, cond = example(model, family_for(model))
     with torch.no_grad():
-        assert torch.equal(raw_output(loaded, x, t, cond), raw_output(model, x, t, cond))
-    a, b = quantized_state_dict(model), quantized_state_dict(loaded)
+        assert torch.equal(raw_output(loaded, x, t, cond), raw_output(own, x, t, cond))
+    simulated = load_quantized(folder / component, runtime="simulated")
+    a, b = quantized_state_dict(model), quantized_state_dict(simulated)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if kind != "class_conditional":  # diffusers' own pipeline classes load through DiffusionPipeline too
         pipe = DiffusionPipeline.from_pretrained(folder)
         with torch.no_grad():
-            assert torch.equal(raw_output(getattr(pipe, component), x, t, cond), raw_output(model, x, t, cond))
+            assert torch.equal(raw_output(getattr(pipe, component), x, t, cond), raw_output(own, x, t, cond))
 
 
 def test_options_that_cannot_apply_are_refused_naming_the_call(saved):

@@ -44,6 +44,7 @@ from diffusers_gaq.models.unet2d_condition import DEFAULT_CALIBRATION_PROMPTS
 from diffusers_gaq.models.wrap import reconstruction_units, set_quant_state, wrap_model
 from diffusers_gaq.quant.layers import QuantLayer
 from diffusers_gaq.serialization import quantized_state_dict
+from diffusers_gaq.runtime import is_integer_runtime
 
 torch.set_num_threads(1)  # tiny models: threads only contend (the suite's convention)
 
@@ -319,22 +320,30 @@ def test_quantize_sample_save_load_round_trip(kind, quantized, tmp_path):
 
     # The single model: save_pretrained / from_pretrained of its quantized class.
     folder = model.save_pretrained(tmp_path / "model", model_card=False)
-    loaded = type(model).from_pretrained(folder)
+    loaded = type(model).from_pretrained(folder, runtime="simulated")
     assert type(loaded) is type(model)
     a, b = quantized_state_dict(model), quantized_state_dict(loaded)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with torch.no_grad():
         assert torch.equal(raw_output(loaded, x, t, cond), q_out)
-    assert torch.equal(raw_output(load_quantized(folder), x, t, cond), q_out)
+    assert torch.equal(raw_output(load_quantized(folder, runtime="simulated"), x, t, cond), q_out)
 
     # The whole pipeline: saved, reloaded through model_index.json, samples bit-identically.
     save_quantized_pipeline(qpipe, tmp_path / "pipeline")
     assert (tmp_path / "pipeline" / component / "quantization_config.json").is_file()
     card = (tmp_path / "pipeline" / "README.md").read_text()
     assert class_name in card and f"{component}=" in card  # the usage snippet names this model's class
-    reloaded = load_quantized_pipeline(tmp_path / "pipeline")
+    reloaded = load_quantized_pipeline(tmp_path / "pipeline", runtime="simulated")
     assert type(reloaded) is type(pipe) and type(getattr(reloaded, component)).__name__ == class_name
     assert np.array_equal(sample(reloaded, kind), q_images)
+
+    # Loaded for inference: the integer runtime samples what the simulated model samples, up to the
+    # activation codes that float accumulation order moves across a rounding boundary.
+    runtime = load_quantized_pipeline(tmp_path / "pipeline")
+    assert is_integer_runtime(getattr(runtime, component))
+    r_images = sample(runtime, kind)
+    mse = float(np.mean((r_images.astype(np.float64) - q_images) ** 2))
+    assert mse == 0 or 10 * np.log10(1.0 / mse) > 30, mse
 
 
 # ---- what is refused, before any work ----------------------------------------------------------------

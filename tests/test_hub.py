@@ -39,6 +39,7 @@ from diffusers_gaq.modeling import QuantizedUNet2DModel, load_quantized
 from diffusers_gaq.plots import plot_conflict, plot_fidelity_bars, plot_sample_weights
 from diffusers_gaq.reference.recipe import REFERENCE_SCHEDULER_CONFIG, REFERENCE_UNET_CONFIG
 from diffusers_gaq.serialization import CheckpointError
+from diffusers_gaq.runtime import is_integer_runtime
 
 torch.set_num_threads(1)
 
@@ -107,7 +108,8 @@ def test_push_to_hub_then_from_pretrained_is_bit_identical(model, local_hub: Loc
     assert f'from_pretrained("{REPO_ID}")' in card.text and REPO_ID_PLACEHOLDER not in card.text
     assert "](sample_weights.png)" in card.text and "](gradient_conflict.png)" in card.text
 
-    loaded = QuantizedUNet2DModel.from_pretrained(REPO_ID, endpoint=local_hub.endpoint, cache_dir=tmp_path / "cache")
+    loaded = QuantizedUNet2DModel.from_pretrained(REPO_ID, endpoint=local_hub.endpoint, cache_dir=tmp_path / "cache",
+                                                   runtime="simulated")
     assert type(loaded) is QuantizedUNet2DModel
     assert torch.equal(_outputs(loaded), _outputs(model))
     assert loaded.gaq_config == model.gaq_config
@@ -143,7 +145,7 @@ def test_server_error_raises_hub_push_error(model, local_hub: LocalHub, hub_env:
     # The folder given is kept, complete, and loads to the same model.
     assert {"README.md", "config.json", "quantization_config.json", "diffusion_pytorch_model.safetensors",
             "sample_weights.png"} <= {p.name for p in folder.iterdir()}
-    assert torch.equal(_outputs(load_quantized(folder)), _outputs(model))
+    assert torch.equal(_outputs(load_quantized(folder, runtime="simulated")), _outputs(model))
 
 
 def test_failure_during_upload_names_the_stage(checkpoint_copy, local_hub: LocalHub, hub_env: str, no_retry_sleep,
@@ -288,10 +290,13 @@ def test_usage_snippet_runs(qpipe, model, checkpoint_copy, local_hub: LocalHub, 
     exec(compile(loading, "README.md:usage", "exec"), namespace)  # noqa: S102 - our own card's code
     pipe = namespace["pipe"]
     assert type(pipe.unet) is QuantizedUNet2DModel and isinstance(pipe.scheduler, DDIMScheduler)
-    assert torch.equal(_outputs(pipe.unet), _outputs(model))
+    # The snippet loads for inference: the integer runtime of the pushed checkpoint.
+    runtime_unet = load_quantized(checkpoint_copy)
+    assert is_integer_runtime(pipe.unet) and torch.equal(_outputs(pipe.unet), _outputs(runtime_unet))
     sample = dict(batch_size=1, num_inference_steps=2, output_type="np")
     ours = pipe(generator=torch.Generator().manual_seed(0), **sample).images
-    reference = qpipe(generator=torch.Generator().manual_seed(0), **sample).images
+    reference = type(pipe)(unet=runtime_unet, scheduler=pipe.scheduler)(generator=torch.Generator().manual_seed(0),
+                                                                         **sample).images
     assert (ours == reference).all()
 
 

@@ -228,7 +228,7 @@ def mixed_folder(mixed, tmp_path_factory):
 
 
 def test_mixed_precision_round_trip_is_bit_exact(mixed, mixed_folder, small_unet):
-    loaded = load_quantized(mixed_folder)
+    loaded = load_quantized(mixed_folder, runtime="simulated")
     for name in _layer_names(small_unet):
         assert _tag_of(loaded, name) == _tag_of(mixed, name) == _expected(name, MIXED), name
     x, t = _inputs()

@@ -25,6 +25,7 @@ from diffusers_gaq.config import CONFIG_NAME
 from diffusers_gaq.modeling import QuantizedUNet2DModel, load_quantized, load_quantized_pipeline
 from diffusers_gaq.quant.layers import QuantLayer
 from diffusers_gaq.reference.recipe import REFERENCE_UNET_CONFIG
+from diffusers_gaq.runtime import is_integer_runtime
 from diffusers_gaq.serialization import CODES_KEY, PACKED_SUFFIX, WEIGHTS_NAME, CheckpointError
 
 torch.set_num_threads(1)
@@ -84,7 +85,7 @@ def test_round_trip_is_bit_identical(name, pipelines, saved):
     model = pipelines[name][1].unet
     folder = saved[name]
 
-    loaded = load_quantized(folder)
+    loaded = load_quantized(folder, runtime="simulated")
 
     assert type(loaded) is QuantizedUNet2DModel
     assert torch.equal(_outputs(loaded), _outputs(model)), f"{name}: reloaded model computes differently"
@@ -93,7 +94,7 @@ def test_round_trip_is_bit_identical(name, pipelines, saved):
     assert [u.name for u in loaded.gaq_report.units] == [u.name for u in model.gaq_report.units]
     assert torch.equal(loaded.gaq_report.units[0].omega, model.gaq_report.units[0].omega)
     # The class method (what users call) gives the same model.
-    assert torch.equal(_outputs(QuantizedUNet2DModel.from_pretrained(str(folder))), _outputs(model))
+    assert torch.equal(_outputs(QuantizedUNet2DModel.from_pretrained(str(folder), runtime="simulated")), _outputs(model))
 
 
 def test_checkpoint_files(saved):
@@ -173,17 +174,25 @@ def test_pipeline_save_and_reload(pipelines, tmp_path):
 
     sample = dict(batch_size=1, num_inference_steps=2, output_type="np")
     expected = qpipe(generator=torch.Generator().manual_seed(0), **sample).images
+    # Loaded for inference, the denoiser runs on the integer runtime: the same model as loading the
+    # unet folder alone (runtime closeness to the simulation: test_runtime_model.py).
+    runtime_unet = load_quantized(tmp_path / "pipe" / "unet")
+    assert is_integer_runtime(runtime_unet)
     for load in (DiffusionPipeline.from_pretrained, load_quantized_pipeline):
         pipe = load(str(tmp_path / "pipe"))
         assert type(pipe) is DDIMPipeline and type(pipe.unet) is QuantizedUNet2DModel, load.__name__
-        assert torch.equal(_outputs(pipe.unet), _outputs(qpipe.unet)), load.__name__
-        assert (pipe(generator=torch.Generator().manual_seed(0), **sample).images == expected).all(), load.__name__
+        assert is_integer_runtime(pipe.unet), load.__name__
+        assert torch.equal(_outputs(pipe.unet), _outputs(runtime_unet)), load.__name__
+    # The simulated model, one argument away, is bit-identical to the saved one.
+    pipe = load_quantized_pipeline(str(tmp_path / "pipe"), runtime="simulated")
+    assert not is_integer_runtime(pipe.unet) and torch.equal(_outputs(pipe.unet), _outputs(qpipe.unet))
+    assert (pipe(generator=torch.Generator().manual_seed(0), **sample).images == expected).all()
 
     # A pipeline saved before the restructuring names the class's old module; it still loads.
     index["unet"] = ["diffusers_gaq.models.quantized", "QuantizedUNet2DModel"]
     (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(index))
     old = DiffusionPipeline.from_pretrained(str(tmp_path / "pipe"))
-    assert type(old.unet) is QuantizedUNet2DModel and torch.equal(_outputs(old.unet), _outputs(qpipe.unet))
+    assert type(old.unet) is QuantizedUNet2DModel and torch.equal(_outputs(old.unet), _outputs(runtime_unet))
 
     # The model card's pipeline snippet runs as written, on this folder.
     card = (tmp_path / "pipe" / "unet" / "README.md").read_text()
@@ -191,4 +200,4 @@ def test_pipeline_save_and_reload(pipelines, tmp_path):
     assert "DiffusionPipeline.from_pretrained" in snippet
     namespace: dict = {}
     exec(compile(snippet.replace("path/to/saved-pipeline", str(tmp_path / "pipe")), "README.md", "exec"), namespace)
-    assert torch.equal(_outputs(namespace["pipe"].unet), _outputs(qpipe.unet))
+    assert torch.equal(_outputs(namespace["pipe"].unet), _outputs(runtime_unet))

@@ -94,7 +94,7 @@ def _refused(folder: Path, *fragments: str) -> str:
 def test_the_saved_checkpoint_loads_and_records_its_digest(quantized, folder):
     qcfg = json.loads((folder / CONFIG_NAME).read_text())
     assert qcfg["format_version"] == 2 and re.fullmatch(r"[0-9a-f]{64}", qcfg[DIGEST_FIELD])
-    assert torch.equal(_outputs(load_quantized(folder)), _outputs(quantized))
+    assert torch.equal(_outputs(load_quantized(folder, runtime="simulated")), _outputs(quantized))
 
 
 # ---- bit widths ---------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def test_a_flipped_byte_in_the_tensor_data_is_refused(folder):
 def test_a_version_1_checkpoint_without_digest_still_loads(quantized, folder, caplog):
     _edit_json(folder / CONFIG_NAME, lambda q: (q.pop(DIGEST_FIELD), q.update(format_version=1)))
     with caplog.at_level(logging.WARNING):
-        loaded = load_quantized(folder)
+        loaded = load_quantized(folder, runtime="simulated")
     assert torch.equal(_outputs(loaded), _outputs(quantized))
     assert not caplog.records, "an old checkpoint must load without warnings"
 
@@ -225,7 +225,7 @@ def _garbage_tensors(folder):
 def test_a_damaged_report_is_skipped_with_a_warning(quantized, folder, caplog, damage):
     damage(folder)
     with caplog.at_level(logging.WARNING, logger="diffusers_gaq.serialization"):
-        loaded = load_quantized(folder)
+        loaded = load_quantized(folder, runtime="simulated")
     assert loaded.gaq_report is None
     assert torch.equal(_outputs(loaded), _outputs(quantized))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

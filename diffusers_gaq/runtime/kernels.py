@@ -28,11 +28,6 @@ def activation_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
     return x.div(scale).round_().add_(zero_point).clamp_(0, 2**bits - 1).to(torch.uint8)
 
 
-def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    """(q - z) * s, the simulated quantizer's output for these codes."""
-    return (codes.to(scale.dtype) - zero_point) * scale
-
-
 @functools.lru_cache(maxsize=None)
 def onednn_available() -> bool:
     """oneDNN's int8 kernels exist in this torch build and compute exactly on this CPU.
@@ -106,10 +101,3 @@ def signed_weight(codes: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.
     offset = torch.where(fits, torch.zeros_like(lo), lo + 128)
     weight = (centred - offset.reshape(view)).to(torch.int8)
     return weight, offset.to(torch.float32)
-
-
-def window_sum(x: torch.Tensor, kernel_size, stride, padding, dilation) -> torch.Tensor:
-    """For every output position of a convolution, the sum of its input window over all input
-    channels ([batch, 1, h_out, w_out]): the term an integer offset of the weights multiplies."""
-    ones = x.new_ones((1, 1) + tuple(kernel_size))
-    return F.conv2d(x.sum(dim=1, keepdim=True), ones, None, stride, padding, dilation)

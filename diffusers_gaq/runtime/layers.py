@@ -9,7 +9,8 @@ An :class:`IntegerConv2d` / :class:`IntegerLinear` is built from a frozen fake-q
   the timestep-group hook of models/timestep_groups.py reaches them where it reaches the simulated
   ones); a split input (Q-Diffusion's shortcut splitting) runs as one integer call per part, each
   with its own scale, summed in float;
-- kernel ``onednn``: activation codes in uint8 and oneDNN's int8 call; the result equals the
+- kernel ``onednn``: activation codes in uint8 and oneDNN's int8 call (with the offsets, one extra
+  output channel of ones gives the window sums they multiply); the result equals the
   simulated layer up to float accumulation order (int32 accumulation is exact; the scaling and the
   bias are float32). Kernel ``dequantize``: bit-identical to the simulated layer, on any device.
 
@@ -27,9 +28,17 @@ from ..quant.quantizers import ActQuantizer
 from . import kernels
 
 
-def _effective_step(q: ActQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step sizes and zero points the simulated quantizer computes with (one per timestep group)."""
-    return (q.scale.detach().abs() + 1e-12).reshape(-1), q.zero_point.detach().reshape(-1)
+class _InputSteps:
+    """One input part's step sizes and zero points as the simulated quantizer computes with them (one per
+    timestep group), as 0-dim tensors for the division and as Python numbers for the kernel call:
+    derived once, not on every call."""
+
+    def __init__(self, q: ActQuantizer):
+        steps = (q.scale.detach().abs() + 1e-12).reshape(-1)
+        zeros = q.zero_point.detach().reshape(-1)
+        self.bits, self.timestep_aware = q.bits, q.timestep_aware
+        self.steps, self.zeros = list(steps.unbind()), list(zeros.unbind())
+        self.step_values, self.zero_values = steps.tolist(), [int(z) for z in zeros.round().tolist()]
 
 
 class IntegerLayer(nn.Module):
@@ -58,6 +67,7 @@ class IntegerLayer(nn.Module):
         self.split_at = qlayer.split_at if self.split_quantizer is not None else None
         self.kernel = "dequantize"
         self._packed: list[torch.Tensor] = []
+        self._steps: list[_InputSteps] = []
         if kernel == "onednn":
             self._pack()
         self.requires_grad_(False)  # an inference form: the calibrated steps are fixed
@@ -85,7 +95,17 @@ class IntegerLayer(nn.Module):
         if reason is not None:
             raise ValueError(reason)
         dense = self.weight_int8
+        self._call_scale, self._call_bias = self.weight_scale, self.bias
+        if self.weight_offset is not None:
+            # One more output channel whose weights are all 1: the kernel then also returns, exactly (int32),
+            # the sum of x_hat over every output's input window, which the per-channel offsets multiply.
+            dense = torch.cat([dense, torch.ones_like(dense[:1])])
+            self._call_scale = torch.cat([self.weight_scale, self.weight_scale.new_ones(1)])
+            bias = self.bias if self.bias is not None else self.weight_scale.new_zeros(self.weight_scale.shape)
+            self._call_bias = torch.cat([bias, bias.new_zeros(1)])
+            self._offset_scale = self.weight_scale * self.weight_offset
         self._packed = [self._pack_part(dense[:, part].contiguous()) for part, _ in self._parts()]
+        self._steps = [_InputSteps(q) for _, q in self._parts()]
         self.weight_int8 = None  # the packed copy is the only one
         self.kernel = "onednn"
 
@@ -93,7 +113,8 @@ class IntegerLayer(nn.Module):
         """The int8 weight in plain layout, wherever it is held."""
         if self.weight_int8 is not None:
             return self.weight_int8
-        return torch.cat([kernels.unpack_weight(p, linear=not self.is_conv) for p in self._packed], dim=1)
+        dense = torch.cat([kernels.unpack_weight(p, linear=not self.is_conv) for p in self._packed], dim=1)
+        return dense[: self.weight_scale.shape[0]].contiguous()  # without the window-sum channel
 
     def _apply(self, fn, recurse=True):
         # oneDNN's packed layout cannot be moved or cast: go through the plain int8 weight, and pack
@@ -140,20 +161,17 @@ class IntegerLayer(nn.Module):
         return None
 
     def _forward_integer(self, x: torch.Tensor, group: int) -> torch.Tensor:
-        out, total = None, None
-        for i, (part, q) in enumerate(self._parts()):
-            steps, zeros = _effective_step(q)
-            g = group if q.timestep_aware else 0
-            s, z = steps[g], zeros[g]
+        out = None
+        for i, (part, _) in enumerate(self._parts()):
+            steps = self._steps[i]
+            g = group if steps.timestep_aware else 0
             xp = x[:, part] if self.split_at is not None else x
-            codes = kernels.activation_codes(xp, s, z, q.bits)
-            y = self._integer_call(codes, float(s), int(z), self._packed[i], self.bias if i == 0 else None)
+            codes = kernels.activation_codes(xp, steps.steps[g], steps.zeros[g], steps.bits)
+            y = self._integer_call(codes, steps.step_values[g], steps.zero_values[g], self._packed[i],
+                                   self._call_scale, self._call_bias if i == 0 else None)
             out = y if out is None else out + y
-            if self.weight_offset is not None:
-                part_sum = self._input_sum(kernels.dequantize_codes(codes, s, z))
-                total = part_sum if total is None else total + part_sum
         if self.weight_offset is not None:
-            out = out + self._channel_view(self.weight_scale * self.weight_offset, out) * total
+            out = self._apply_offsets(out)
         return out
 
     def _forward_dequantized(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,19 +189,16 @@ class IntegerLayer(nn.Module):
         w = codes * scale.reshape((-1,) + (1,) * (codes.dim() - 1))
         return self._float_call(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
-    def _channel_view(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
     def _pack_part(self, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _integer_call(self, codes, x_scale, x_zero_point, packed, bias):  # pragma: no cover - abstract
+    def _integer_call(self, codes, x_scale, x_zero_point, packed, w_scale, bias):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _float_call(self, x, w, bias):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _input_sum(self, x_hat):  # pragma: no cover - abstract
+    def _apply_offsets(self, out):  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -208,12 +223,12 @@ class IntegerConv2d(IntegerLayer):
         return super().onednn_refusal()
 
     def _pack_part(self, weight):
-        return kernels.pack_conv_weight(weight, self.weight_scale, self.stride, self.padding, self.dilation, 1)
+        return kernels.pack_conv_weight(weight, self._call_scale, self.stride, self.padding, self.dilation, 1)
 
-    def _integer_call(self, codes, x_scale, x_zero_point, packed, bias):
+    def _integer_call(self, codes, x_scale, x_zero_point, packed, w_scale, bias):
         codes = codes.contiguous(memory_format=torch.channels_last)  # oneDNN's native layout
-        return kernels.onednn_conv(codes, x_scale, x_zero_point, packed, self.weight_scale, bias, self.stride,
-                                   self.padding, self.dilation, 1)
+        return kernels.onednn_conv(codes, x_scale, x_zero_point, packed, w_scale, bias, self.stride, self.padding,
+                                   self.dilation, 1)
 
     def _float_call(self, x, w, bias):
         if self.padding_mode != "zeros":
@@ -224,11 +239,9 @@ class IntegerConv2d(IntegerLayer):
     def _reversed_padding(self):
         return [p for p in reversed(self.padding) for _ in range(2)]
 
-    def _input_sum(self, x_hat):
-        return kernels.window_sum(x_hat, self.kernel_size, self.stride, self.padding, self.dilation)
-
-    def _channel_view(self, v, like):
-        return v.reshape(1, -1, 1, 1)
+    def _apply_offsets(self, out):
+        channels = self.weight_scale.shape[0]
+        return torch.addcmul(out[:, :channels], self._offset_scale.reshape(1, -1, 1, 1), out[:, channels:])
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -248,17 +261,15 @@ class IntegerLinear(IntegerLayer):
     def _pack_part(self, weight):
         return kernels.pack_linear_weight(weight)
 
-    def _integer_call(self, codes, x_scale, x_zero_point, packed, bias):
-        return kernels.onednn_linear(codes, x_scale, x_zero_point, packed, self.weight_scale, bias)
+    def _integer_call(self, codes, x_scale, x_zero_point, packed, w_scale, bias):
+        return kernels.onednn_linear(codes, x_scale, x_zero_point, packed, w_scale, bias)
 
     def _float_call(self, x, w, bias):
         return F.linear(x, w, bias)
 
-    def _input_sum(self, x_hat):
-        return x_hat.sum(dim=-1, keepdim=True)
-
-    def _channel_view(self, v, like):
-        return v
+    def _apply_offsets(self, out):
+        channels = self.weight_scale.shape[0]
+        return torch.addcmul(out[..., :channels], self._offset_scale, out[..., channels:])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, w{self.weight_bits}, kernel={self.kernel}"
