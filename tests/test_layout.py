@@ -14,9 +14,11 @@ MAX_LINES = 420
 
 # What each layer may import from the package (besides itself). quant/ is numerics only; models/
 # knows diffusers architectures; calibration/ is the method. None of them reaches up into the
-# orchestration (quantize, modeling, serialization, hub, checkpointing, distributed, cli).
+# orchestration (quantize, modeling, serialization, hub, checkpointing, distributed, cli). runtime/ (the
+# integer kernels and layers) builds on quant/ alone.
 ALLOWED = {
     "quant": set(),
+    "runtime": {"quant"},
     "models": {"quant", "config", "config_files", "precision", "presets", "class_conditional_pipeline"},
     "calibration": {"quant", "models", "config", "config_files", "precision", "presets", "digests", "files"},
 }
@@ -104,7 +106,8 @@ def test_layers_import_only_downwards(layer):
     assert not wrong, f"{layer}/ reaches outside what it may use: {wrong}"
 
 
-def test_quant_knows_nothing_of_diffusers():
+@pytest.mark.parametrize("package", ["quant", "runtime"])
+def test_numerics_know_nothing_of_diffusers(package):
     def imports_diffusers(path: Path) -> bool:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "diffusers" for a in node.names):
@@ -113,9 +116,10 @@ def test_quant_knows_nothing_of_diffusers():
                 return True
         return False
 
+    prefix = f"diffusers_gaq.{package}"
     users = [name for name, path in _modules().items()
-             if (name == "diffusers_gaq.quant" or name.startswith("diffusers_gaq.quant.")) and imports_diffusers(path)]
-    assert not users, f"quant/ imports diffusers in {users}"
+             if (name == prefix or name.startswith(prefix + ".")) and imports_diffusers(path)]
+    assert not users, f"{package}/ imports diffusers in {users}"
 
 
 def test_no_module_is_over_the_size_limit():

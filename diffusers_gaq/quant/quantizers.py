@@ -26,7 +26,12 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """s * (clamp(round(x/s) + z, 0, 2^b-1) - z) with STE rounding; the gradient w.r.t. ``scale``
     is then exactly LSQ's (Esser et al., 2020): round(x/s) - x/s inside the range, the clip
-    level outside it."""
+    level outside it.
+
+    Without autograd the same operations run in place on one temporary: the values are identical
+    (round_ste's forward is round: v + (round(v) - v) is exact in floating point)."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+        return x.div(scale).round_().add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point).mul_(scale)
     q = torch.clamp(round_ste(x / scale) + zero_point, 0, 2**bits - 1)
     return (q - zero_point) * scale
 
