@@ -3,6 +3,7 @@ for a model in memory and for a saved checkpoint (read from its header, nothing 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from torch import nn
 from .config import CONFIG_NAME, FP_TAG, precision_tag
 from .quant.layers import QuantLayer
 from .quant.packing import packed_nbytes
+from .runtime import IntegerLayer
 from .serialization import WEIGHTS_NAME, read_json
 
 _SAFETENSORS_BITS = {"F16": 16, "BF16": 16, "F32": 32, "F64": 64}
@@ -52,6 +54,8 @@ def model_weight_bits(model) -> WeightBits:
             wq = module.weight_quantizer
             weight = module.layer.weight
             result.add(weight.numel(), wq.bits if wq is not None else None, weight.element_size() * 8)
+        elif isinstance(module, IntegerLayer):  # the integer runtime: the codes' width, whatever the container
+            result.add(math.prod(module.weight_shape), module.weight_bits, 32)
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)) and id(module) not in inner:
             result.add(module.weight.numel(), None, module.weight.element_size() * 8)

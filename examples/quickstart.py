@@ -26,13 +26,22 @@ with tempfile.TemporaryDirectory() as tmp:
     qpipe.unet.save_pretrained(f"{tmp}/ddpm-w4a8")  # packed 4-bit integers + scales + model card
     qpipe.save_pretrained(f"{tmp}/ddpm-w4a8-pipeline")  # the whole pipeline, scheduler included
 
+    # Loaded for inference: the integer runtime (int8 weights on oneDNN's int8 kernels on x86 CPUs).
     unet = QuantizedUNet2DModel.from_pretrained(f"{tmp}/ddpm-w4a8")
     reloaded = DiffusionPipeline.from_pretrained(f"{tmp}/ddpm-w4a8-pipeline")
     assert isinstance(reloaded, DDIMPipeline) and isinstance(reloaded.unet, QuantizedUNet2DModel)
+    print(unet.quantization.runtime.summary())
+    # The simulated (fake-quant) model, one argument away, is the saved model bit for bit.
+    simulated = QuantizedUNet2DModel.from_pretrained(f"{tmp}/ddpm-w4a8", runtime="simulated")
 
     x, t = torch.randn(2, 1, 32, 32), torch.tensor([10, 900])
     with torch.no_grad():
-        same = torch.equal(qpipe.unet(x, t).sample, unet(x, t).sample)
-        same = same and torch.equal(qpipe.unet(x, t).sample, reloaded.unet(x, t).sample)
-    print(f"{config.tag}: {len(images)} images; reloaded models bit-identical: {same}")
-    assert same
+        same = torch.equal(qpipe.unet(x, t).sample, simulated(x, t).sample)
+        runtime_images = reloaded(batch_size=4, num_inference_steps=10, output_type="np",
+                                  generator=torch.Generator().manual_seed(0)).images
+    simulated_images = qpipe(batch_size=4, num_inference_steps=10, output_type="np",
+                             generator=torch.Generator().manual_seed(0)).images
+    psnr = 10 * torch.log10(1 / torch.tensor((runtime_images - simulated_images) ** 2).double().mean().clamp_min(1e-20))
+    print(f"{config.tag}: {len(images)} images; simulated reload bit-identical: {same}; "
+          f"integer runtime vs simulated: {psnr.item():.1f} dB PSNR")
+    assert same and psnr > 30

@@ -27,7 +27,7 @@ def cmd_evaluate(args) -> int:
     quantized, sizes, calibration, bases = {}, {}, {}, {}
     for directory in directories:
         name = directory.name if [d.name for d in directories].count(directory.name) == 1 else str(directory)
-        qpipe = quantized[name] = load_quantized_pipeline(str(directory))
+        qpipe = quantized[name] = load_quantized_pipeline(str(directory), runtime=args.runtime)
         model_dir = quantized_model_dir(directory)
         sizes[name] = (model_dir / WEIGHTS_NAME).stat().st_size / 2**20
         report = model_dir / "calibration_report.json"
@@ -48,7 +48,9 @@ def cmd_evaluate(args) -> int:
     result.write(report_dir)
     print(result.to_markdown(), end="")
     if args.update_card:
-        for (name, qpipe), directory, row in zip(quantized.items(), directories, result.rows):
+        for directory, row in zip(directories, result.rows):
+            # The card describes the saved model: written from its simulated form, which holds the layer table.
+            qpipe = load_quantized_pipeline(str(directory), runtime="simulated")
             _denoiser(qpipe).gaq_evaluation = result.card_entry(row)
             _update_card(qpipe, directory)
     print(f"report: {report_dir} (evaluation.md, evaluation.json, comparison.png: one row per model, FP first)")

@@ -16,6 +16,7 @@ import argparse
 
 from ..config import BUDGETS
 from .demo import cmd_demo, cmd_sensitivity
+from ..runtime.convert import RUNTIMES
 from .evaluate import cmd_evaluate
 from .info import cmd_info, cmd_push
 from .quantize import cmd_quantize
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance-scale", type=float, help="DiT / Stable Diffusion (default: the pipeline's own)")
     e.add_argument("--report", help="report folder (default DIRECTORY/evaluation; required for several folders)")
     e.add_argument("--update-card", action="store_true", help="write the measured fidelity into each model card")
+    e.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                   help="how the quantized denoisers run: 'auto' (default) the integer runtime users load, "
+                        "'simulated' the fake-quant model calibration used")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_evaluate)
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..models.attention import QuantAttnProcessor
 from ..quant.layers import QuantLayer
+from ..runtime import is_integer_runtime
 from .layers import _ACT_BITS, _ACT_SYMMETRIC_ZERO_POINT, _WEIGHT_QTYPES, _channel_view, to_quanto_module
 
 logger = logging.getLogger(__name__)
@@ -173,6 +174,9 @@ def export_to_quanto(quantized_unet: nn.Module, *, activations: bool = True) -> 
             than 2/4/8, asymmetric / unsigned or non-8-bit activations, split inputs, quantized
             attention matmuls, uncalibrated layers). Nothing is silently changed.
     """
+    if is_integer_runtime(quantized_unet):
+        raise ValueError("the model runs on diffusers-gaq's integer runtime; export the simulated model instead: "
+                         "Quantized<Class>.from_pretrained(path, runtime='simulated')")
     layers = [(n, m) for n, m in quantized_unet.named_modules() if isinstance(m, QuantLayer)]
     attention = [(n, m) for n, m in quantized_unet.named_modules()
                  if isinstance(getattr(m, "processor", None), QuantAttnProcessor)]

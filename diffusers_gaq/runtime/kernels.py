@@ -100,4 +100,4 @@ def signed_weight(codes: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.
     fits = (lo >= -128) & (hi <= 127)
     offset = torch.where(fits, torch.zeros_like(lo), lo + 128)
     weight = (centred - offset.reshape(view)).to(torch.int8)
-    return weight, offset.to(torch.float32)
+    return weight, offset  # int16: the offsets lie in [-127, 128]

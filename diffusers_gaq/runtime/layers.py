@@ -100,10 +100,14 @@ class IntegerLayer(nn.Module):
             # One more output channel whose weights are all 1: the kernel then also returns, exactly (int32),
             # the sum of x_hat over every output's input window, which the per-channel offsets multiply.
             dense = torch.cat([dense, torch.ones_like(dense[:1])])
+            # The layer's scales and bias become views of the kernel's extended ones: one copy in memory.
+            channels = self.weight_scale.shape[0]
             self._call_scale = torch.cat([self.weight_scale, self.weight_scale.new_ones(1)])
-            bias = self.bias if self.bias is not None else self.weight_scale.new_zeros(self.weight_scale.shape)
+            self.weight_scale = self._call_scale[:channels]
+            bias = self.bias if self.bias is not None else self.weight_scale.new_zeros(channels)
             self._call_bias = torch.cat([bias, bias.new_zeros(1)])
-            self._offset_scale = self.weight_scale * self.weight_offset
+            if self.bias is not None:
+                self.bias = self._call_bias[:channels]
         self._packed = [self._pack_part(dense[:, part].contiguous()) for part, _ in self._parts()]
         self._steps = [_InputSteps(q) for _, q in self._parts()]
         self.weight_int8 = None  # the packed copy is the only one
@@ -241,7 +245,8 @@ class IntegerConv2d(IntegerLayer):
 
     def _apply_offsets(self, out):
         channels = self.weight_scale.shape[0]
-        return torch.addcmul(out[:, :channels], self._offset_scale.reshape(1, -1, 1, 1), out[:, channels:])
+        offset_scale = self.weight_scale * self.weight_offset.to(self.weight_scale.dtype)
+        return torch.addcmul(out[:, :channels], offset_scale.reshape(1, -1, 1, 1), out[:, channels:])
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -269,7 +274,8 @@ class IntegerLinear(IntegerLayer):
 
     def _apply_offsets(self, out):
         channels = self.weight_scale.shape[0]
-        return torch.addcmul(out[..., :channels], self._offset_scale, out[..., channels:])
+        offset_scale = self.weight_scale * self.weight_offset.to(self.weight_scale.dtype)
+        return torch.addcmul(out[..., :channels], offset_scale, out[..., channels:])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, w{self.weight_bits}, kernel={self.kernel}"
