@@ -8,6 +8,8 @@ Writes ``<out>/gpu_check.json`` (and the scale benchmark's rows to ``<out>/bench
   - ``round_trip``: quantize (W4A8) -> sample -> save_pretrained -> from_pretrained on the device ->
     sample; the reloaded state and images must equal the quantized model's bit for bit (the
     reference pipeline with the CLI's tiny budget; the tiny preset uses a tiny random UNet);
+  - ``runtime``: the loaded model's runtime (runtime="auto") on the device against the FP pipeline in
+    FP32, FP16 and BF16 and the simulated model: seconds per image, weight bytes, PSNR vs simulated;
   - ``scale``: examples/benchmark_scale.py on the device (its models, or the tiny test model);
   - ``cifar_demo``: quantize_pipeline wall time on google/ddpm-cifar10-32's architecture with random
     weights (built from its config, nothing downloaded) at the CLI's demo budget, W4A8.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import subprocess
 import sys
 import tempfile
@@ -39,10 +42,12 @@ PRESETS = {
                  scale_models="ddpm-cifar10-32,dit-xl-2,sd15-unet,sdxl-unet",
                  scale_args=["--iters", "5", "--meta-iters", "2", "--batch", "8", "--units", "3", "--unit-budget-s", "20",
                              "--timeout-s", "75"],
-                 cifar_budget="demo", cifar_model="ddpm-cifar10-32"),
+                 cifar_budget="demo", cifar_model="ddpm-cifar10-32", runtime_steps=50,
+                 runtime_min_psnr=40),
     "tiny": dict(round_trip_model="tiny-test", round_trip_budget="tiny", scale_models="tiny-test",
                  scale_args=["--iters", "1", "--meta-iters", "1", "--batch", "2", "--units", "2", "--timeout-s", "120"],
-                 cifar_budget="tiny", cifar_model="tiny-test"),
+                 cifar_budget="tiny", cifar_model="tiny-test", runtime_steps=4,
+                 runtime_min_psnr=20),  # a random-weight model: float order moves it further
 }
 
 
@@ -98,7 +103,7 @@ def round_trip(preset: dict, device: str) -> dict:
     before = images(qpipe)
     with tempfile.TemporaryDirectory() as tmp:
         folder = qpipe.unet.save_pretrained(Path(tmp) / "unet", model_card=False)
-        loaded = type(qpipe.unet).from_pretrained(folder).to(device)
+        loaded = type(qpipe.unet).from_pretrained(folder, runtime="simulated").to(device)
     a, b = quantized_state_dict(qpipe.unet), quantized_state_dict(loaded)
     state_equal = a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
     qpipe.unet = loaded
@@ -108,6 +113,60 @@ def round_trip(preset: dict, device: str) -> dict:
             "parameters_on_device": on_device, "state_bit_exact": state_equal,
             "images_bit_exact": bool(np.array_equal(before, after)), "images_finite": bool(np.isfinite(after).all()),
             "ok": bool(on_device and state_equal and np.array_equal(before, after) and np.isfinite(after).all())}
+
+
+def runtime(preset: dict, device: str) -> dict:
+    """The loaded model's runtime on ``device`` against FP32, FP16 and BF16: seconds per image of a
+    ``runtime_steps``-step DDIM batch of 8, weight bytes, and PSNR of its samples against the simulated model's."""
+    import numpy as np
+    import torch
+    from diffusers import DDIMPipeline
+
+    from diffusers_gaq import QuantizedUNet2DModel
+    from diffusers_gaq.runtime import runtime_weight_nbytes
+
+    pipe = ddim_pipeline(preset["round_trip_model"])
+    qpipe = quantize_pipeline_quiet(pipe, config_for(preset["round_trip_budget"], device))
+    steps = preset["runtime_steps"]
+
+    def timed(unet, dtype=torch.float32):
+        p = DDIMPipeline(unet=unet, scheduler=pipe.scheduler).to(device, dtype)
+        p.set_progress_bar_config(disable=True)
+        # output_type="pt": DDIMPipeline's numpy conversion refuses bfloat16
+        run = lambda: p(batch_size=8, num_inference_steps=steps, output_type="pt",  # noqa: E731
+                        generator=torch.Generator(device=device).manual_seed(0)).images.float().cpu().numpy()
+        with torch.no_grad():
+            run()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            images = run()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        return (time.perf_counter() - t) / 8, images
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = qpipe.unet.save_pretrained(Path(tmp) / "unet", model_card=False)
+        for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+            s_img, _ = timed(pipe.unet, dtype)
+            rows[name] = {"s_per_image": s_img, "weight_bytes": runtime_weight_nbytes(pipe.unet)}
+            pipe.unet.to(torch.float32)
+        simulated = QuantizedUNet2DModel.from_pretrained(folder, runtime="simulated", device=device)
+        loaded = QuantizedUNet2DModel.from_pretrained(folder, device=device)
+        s_sim, sim_images = timed(simulated)
+        s_run, run_images = timed(loaded)
+    mse = float(((run_images.astype("float64") - sim_images) ** 2).mean())
+    rows["simulated-w4a8"] = {"s_per_image": s_sim, "weight_bytes": runtime_weight_nbytes(simulated)}
+    rows["runtime-w4a8"] = {"s_per_image": s_run, "weight_bytes": runtime_weight_nbytes(loaded),
+                            "layers": loaded.quantization.runtime.summary(),
+                            "psnr_vs_simulated_db": float("inf") if mse == 0 else 10 * math.log10(1 / mse)}
+    fp = rows["fp32"]
+    for row in rows.values():
+        row["speed_vs_fp32"] = fp["s_per_image"] / row["s_per_image"]
+        row["weights_vs_fp32"] = row["weight_bytes"] / fp["weight_bytes"]
+    return {"model": preset["round_trip_model"], "device": device, "steps": steps, "rows": rows,
+            "ok": bool(np.isfinite(run_images).all()) and rows["runtime-w4a8"]["psnr_vs_simulated_db"] >= preset["runtime_min_psnr"]}
 
 
 def quantize_pipeline_quiet(pipe, config):
@@ -149,7 +208,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="folder for gpu_check.json and the scale rows")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     # The scale benchmark last: if the 8-minute limit cuts it, its finished rows are in benchmark_scale.jsonl.
-    parser.add_argument("--parts", default="round_trip,cifar_demo,scale")
+    parser.add_argument("--parts", default="round_trip,runtime,cifar_demo,scale")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch
@@ -166,6 +225,7 @@ def main(argv=None) -> int:
     result = {"device": args.device, "preset": args.preset, "torch": torch.__version__,
               "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None}
     parts = {"round_trip": lambda: round_trip(preset, args.device), "scale": lambda: scale(preset, args.device, out),
+             "runtime": lambda: runtime(preset, args.device),
              "cifar_demo": lambda: cifar_demo(preset, args.device)}
     for name in args.parts.split(","):
         t = time.perf_counter()

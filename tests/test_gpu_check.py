@@ -23,6 +23,9 @@ def test_gpu_check_tiny_preset_on_cpu(tmp_path):
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     trip = result["round_trip"]
     assert trip["ok"] and trip["state_bit_exact"] and trip["images_bit_exact"] and trip["parameters_on_device"]
+    rt = result["runtime"]
+    assert rt["ok"] and set(rt["rows"]) == {"fp32", "fp16", "bf16", "simulated-w4a8", "runtime-w4a8"}
+    assert rt["rows"]["runtime-w4a8"]["weights_vs_fp32"] < 0.5 and rt["rows"]["fp32"]["speed_vs_fp32"] == 1
     rows = result["scale"]["rows"]
     assert [r["model"] for r in rows] == ["tiny-test"] and rows[0]["device"] == "cpu"
     assert rows[0]["timed_units"] and rows[0]["checkpoint_ratio_vs_fp32"] < 0.5
