@@ -18,6 +18,7 @@ from diffusers_gaq.models.unet2d_condition_xl import SDXL_GUIDANCE_SCALE, UNet2D
 from diffusers_gaq.models.wrap import reconstruction_units, set_quant_state, wrap_model
 from diffusers_gaq.modeling import load_quantized_pipeline, save_quantized_pipeline
 from diffusers_gaq.serialization import quantized_state_dict
+from diffusers_gaq.runtime import is_integer_runtime
 from test_families import SCHEDULER, TINY, tiny_clip, tiny_kl_vae
 
 torch.set_num_threads(1)
@@ -124,15 +125,23 @@ def test_sdxl_w8a8_quantize_sample_save_load_bit_exact(quantized, tmp_path):
     rel = ((q_out - fp_out).norm() / fp_out.norm()).item()
     assert 0 < rel < 0.5, rel
 
-    loaded = type(model).from_pretrained(model.save_pretrained(tmp_path / "unet", model_card=False))
+    folder = model.save_pretrained(tmp_path / "unet", model_card=False)
+    loaded = type(model).from_pretrained(folder, runtime="simulated")
     a, b = quantized_state_dict(model), quantized_state_dict(loaded)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with torch.no_grad():
         assert torch.equal(UNet2DConditionXLFamily.forward(loaded, x, t, cond), q_out)
     save_quantized_pipeline(qpipe, tmp_path / "pipeline")
-    reloaded = load_quantized_pipeline(tmp_path / "pipeline")
+    reloaded = load_quantized_pipeline(tmp_path / "pipeline", runtime="simulated")
     assert type(reloaded) is StableDiffusionXLPipeline
     assert np.array_equal(sample(reloaded), q_images)
+    # Loaded for inference, on the integer runtime (text-time embeddings and cross-attention projections
+    # included): close to the simulated model, up to activation codes moved by float order.
+    runtime = type(model).from_pretrained(folder)
+    assert is_integer_runtime(runtime)
+    with torch.no_grad():
+        r_out = UNet2DConditionXLFamily.forward(runtime, x, t, cond)
+    assert ((r_out - q_out).norm() / q_out.norm()).item() < 0.05
 
 
 def test_sdxl_refusals_name_the_problem():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..quant.layers import QuantAttentionCore, QuantLayer
@@ -102,6 +103,11 @@ def to_integer_runtime(model: nn.Module, runtime: str = "auto") -> RuntimeReport
     for name, layer in plan:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    if report.count("onednn"):
+        # oneDNN computes in channels-last order and returns it: with every 4-D weight in that order too,
+        # the float layers between the integer ones (first / last convolutions) keep it, and no activation
+        # is converted back and forth.
+        model.to(memory_format=torch.channels_last)
     report.attention = [n for n, m in model.named_modules() if isinstance(m, QuantAttentionCore)]
     logger.info("integer runtime: %s", report.summary())
     return report

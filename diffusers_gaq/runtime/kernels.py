@@ -73,17 +73,16 @@ def unpack_weight(packed: torch.Tensor, linear: bool) -> torch.Tensor:
 
 
 def onednn_conv(codes: torch.Tensor, x_scale: float, x_zero_point: int, packed: torch.Tensor, w_scale: torch.Tensor,
-                bias: torch.Tensor | None, stride, padding, dilation, groups: int) -> torch.Tensor:
-    zeros = torch.zeros(w_scale.shape[0], dtype=torch.int64)
-    return torch.ops.onednn.qconv2d_pointwise(codes, x_scale, x_zero_point, packed, w_scale, zeros, bias, list(stride),
-                                              list(padding), list(dilation), groups, 1.0, 0, torch.float32, "none", [],
-                                              "")
+                w_zero_points: torch.Tensor, bias: torch.Tensor | None, geometry: list) -> torch.Tensor:
+    """``geometry``: [stride, padding, dilation] as lists; groups 1. Returns float32."""
+    stride, padding, dilation = geometry
+    return torch.ops.onednn.qconv2d_pointwise(codes, x_scale, x_zero_point, packed, w_scale, w_zero_points, bias, stride,
+                                              padding, dilation, 1, 1.0, 0, torch.float32, "none", [], "")
 
 
 def onednn_linear(codes: torch.Tensor, x_scale: float, x_zero_point: int, packed: torch.Tensor, w_scale: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
-    zeros = torch.zeros(w_scale.shape[0], dtype=torch.int64)
-    return torch.ops.onednn.qlinear_pointwise(codes, x_scale, x_zero_point, packed, w_scale, zeros, bias, 1.0, 0,
+                  w_zero_points: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.onednn.qlinear_pointwise(codes, x_scale, x_zero_point, packed, w_scale, w_zero_points, bias, 1.0, 0,
                                               torch.float32, "none", [], "")
 
 

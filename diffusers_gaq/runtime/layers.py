@@ -110,6 +110,8 @@ class IntegerLayer(nn.Module):
                 self.bias = self._call_bias[:channels]
         self._packed = [self._pack_part(dense[:, part].contiguous()) for part, _ in self._parts()]
         self._steps = [_InputSteps(q) for _, q in self._parts()]
+        self._timestep_aware = any(steps.timestep_aware for steps in self._steps)
+        self._w_zero_points = torch.zeros(self._call_scale.shape[0], dtype=torch.int64)  # symmetric int8 weights
         self.weight_int8 = None  # the packed copy is the only one
         self.kernel = "onednn"
 
@@ -143,6 +145,8 @@ class IntegerLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel != "onednn" or x.device.type != "cpu" or x.dtype != torch.float32:
             return self._forward_dequantized(x)
+        if not self._timestep_aware:
+            return self._forward_integer(x, 0)
         groups = self._group_index(x)
         if groups is None:
             return self._forward_integer(x, 0)
@@ -166,13 +170,13 @@ class IntegerLayer(nn.Module):
 
     def _forward_integer(self, x: torch.Tensor, group: int) -> torch.Tensor:
         out = None
-        for i, (part, _) in enumerate(self._parts()):
-            steps = self._steps[i]
+        split = self.split_at is not None
+        for i, (steps, packed) in enumerate(zip(self._steps, self._packed)):
             g = group if steps.timestep_aware else 0
-            xp = x[:, part] if self.split_at is not None else x
+            xp = (x[:, : self.split_at] if i == 0 else x[:, self.split_at :]) if split else x
             codes = kernels.activation_codes(xp, steps.steps[g], steps.zeros[g], steps.bits)
-            y = self._integer_call(codes, steps.step_values[g], steps.zero_values[g], self._packed[i],
-                                   self._call_scale, self._call_bias if i == 0 else None)
+            y = self._integer_call(codes, steps.step_values[g], steps.zero_values[g], packed,
+                                   self._call_bias if i == 0 else None)
             out = y if out is None else out + y
         if self.weight_offset is not None:
             out = self._apply_offsets(out)
@@ -196,7 +200,7 @@ class IntegerLayer(nn.Module):
     def _pack_part(self, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _integer_call(self, codes, x_scale, x_zero_point, packed, w_scale, bias):  # pragma: no cover - abstract
+    def _integer_call(self, codes, x_scale, x_zero_point, packed, bias):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _float_call(self, x, w, bias):  # pragma: no cover - abstract
@@ -215,6 +219,9 @@ class IntegerConv2d(IntegerLayer):
         self.groups, self.kernel_size = conv.groups, conv.kernel_size
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.padding_mode = conv.padding_mode
+        # stride, padding, dilation as the kernel takes them (lists), built once
+        self._geometry = ([list(self.stride), list(self.padding), list(self.dilation)]
+                          if not isinstance(conv.padding, str) else None)
         super().__init__(qlayer, kernel)
 
     def onednn_refusal(self) -> str | None:
@@ -229,10 +236,10 @@ class IntegerConv2d(IntegerLayer):
     def _pack_part(self, weight):
         return kernels.pack_conv_weight(weight, self._call_scale, self.stride, self.padding, self.dilation, 1)
 
-    def _integer_call(self, codes, x_scale, x_zero_point, packed, w_scale, bias):
+    def _integer_call(self, codes, x_scale, x_zero_point, packed, bias):
         codes = codes.contiguous(memory_format=torch.channels_last)  # oneDNN's native layout
-        return kernels.onednn_conv(codes, x_scale, x_zero_point, packed, w_scale, bias, self.stride, self.padding,
-                                   self.dilation, 1)
+        return kernels.onednn_conv(codes, x_scale, x_zero_point, packed, self._call_scale, self._w_zero_points, bias,
+                                   self._geometry)
 
     def _float_call(self, x, w, bias):
         if self.padding_mode != "zeros":
@@ -266,8 +273,8 @@ class IntegerLinear(IntegerLayer):
     def _pack_part(self, weight):
         return kernels.pack_linear_weight(weight)
 
-    def _integer_call(self, codes, x_scale, x_zero_point, packed, w_scale, bias):
-        return kernels.onednn_linear(codes, x_scale, x_zero_point, packed, w_scale, bias)
+    def _integer_call(self, codes, x_scale, x_zero_point, packed, bias):
+        return kernels.onednn_linear(codes, x_scale, x_zero_point, packed, self._call_scale, self._w_zero_points, bias)
 
     def _float_call(self, x, w, bias):
         return F.linear(x, w, bias)
