@@ -73,7 +73,7 @@ def run_demo(output: Path, config, *, budget_name: str, num_images: int, num_inf
     from .evaluation.report import compare_pipelines
     from .evaluation.sampling import SamplingPlan
     from .files import atomic_path, atomic_write_text
-    from .modeling import save_quantized_pipeline
+    from .modeling import load_quantized_pipeline, save_quantized_pipeline
     from .quantize import quantize_pipeline
     from .reference import load_reference_pipeline
     from .serialization import WEIGHTS_NAME
@@ -95,10 +95,13 @@ def run_demo(output: Path, config, *, budget_name: str, num_images: int, num_inf
     folder = output / "pipeline"
     save_quantized_pipeline(qpipe, folder, overwrite=True)
     weights = (folder / "unet" / WEIGHTS_NAME).stat().st_size / 2**20
+    # What a user runs: the saved pipeline loaded back, its denoiser on the integer runtime.
+    loaded = load_quantized_pipeline(folder)
     say(f"[3/4] sampling {num_images} FP and {num_images} quantized images from the same noise "
-        f"({num_inference_steps} DDIM steps each)")
+        f"({num_inference_steps} DDIM steps each); the quantized pipeline as loaded from {folder}: "
+        f"{loaded.unet.quantization.runtime.summary()}")
     plan = SamplingPlan(num_images=num_images, num_inference_steps=num_inference_steps, seed=0)
-    comparison = compare_pipelines(pipe, {config.tag.upper(): qpipe}, plan, baseline="reference", fid=True,
+    comparison = compare_pipelines(pipe, {config.tag.upper(): loaded}, plan, baseline="reference", fid=True,
                                    weights_mib={config.tag.upper(): weights},
                                    calibration_seconds={config.tag.upper(): calibration}, progress=progress)
     say("[4/4] writing the picture, the table and the checkpoint")

@@ -280,7 +280,8 @@ def main(argv=None) -> None:
                     load = os.getloadavg()[0]
                     r = run_child(args, folder, ["speed", variant, str(batch)], threads)
                     emit({"kind": "speed", "model": model, "variant": variant, "threads": threads, "batch": batch,
-                          "steps": STEPS, "load_before": load, "machine": machine, **r})
+                          "steps": STEPS, "load_before": load, "machine": machine,
+                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), **r})
     print(report(rows))
 
 

@@ -118,9 +118,15 @@ def _chunk_attention(q, k, v, scale: float, mask, step, zero_point, bits: int):
     """softmax(q k^T * scale + mask) quantized with (step, zero_point), times v, for a chunk of
     (sample, head) rows. Pure: every tensor comes in as an argument, so the recomputation of a
     checkpointed chunk in the backward pass sees the same parameters (also under functional_call)."""
-    scores = (q @ k.transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores + mask
+    scores = q @ k.transpose(-1, -2)
+    if torch.is_grad_enabled():
+        scores = scores * scale
+        if mask is not None:
+            scores = scores + mask
+    else:  # the same values, without two more attention-map-sized temporaries
+        scores.mul_(scale)
+        if mask is not None:
+            scores.add_(mask)
     probs = scores.softmax(dim=-1)
     if step is not None:
         probs = fake_quantize(probs, step, zero_point, bits)
