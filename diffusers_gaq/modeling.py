@@ -255,6 +255,7 @@ def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device |
         raise CheckpointError(f"{weights_path}: unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     if missing:
         raise CheckpointError(f"{weights_path}: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    del state  # it holds the float weights too: the integer runtime below drops them
     report = read_optional_report(folder)
     if has_timestep_aware(model):
         if "timestep_groups" not in qcfg:

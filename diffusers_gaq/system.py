@@ -59,6 +59,9 @@ def release_freed_memory() -> None:
     glibc keeps freed blocks below its mmap threshold in the heap, so after a large model has been
     built and its float weights dropped (the integer runtime's conversion) the process would stay as
     large as before: resident memory should show what is live."""
+    import gc
+
+    gc.collect()  # the dropped modules' tensors may sit in reference cycles until a collection
     try:
         import ctypes
 
