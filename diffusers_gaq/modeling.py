@@ -43,7 +43,6 @@ from .models.timestep_groups import TimestepGroups, install_timestep_groups
 from .models.wrap import WrapReport, set_quant_state, wrap_model
 from .quant.quantizers import has_timestep_aware
 from .runtime import RuntimeReport, check_runtime, is_integer_runtime, to_integer_runtime
-from .system import release_freed_memory
 from .serialization import (
     MODEL_CONFIG_NAME,
     WEIGHTS_NAME,
@@ -57,6 +56,7 @@ from .serialization import (
     saved_quantizer_config,
     write_quantized_files,
 )
+from .system import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -269,8 +269,6 @@ def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device |
     if device is not None:
         model.to(device)
     if runtime != "simulated":
-        if runtime == "auto" and device is not None and torch.device(device).type != "cpu":
-            runtime = "dequantize"  # oneDNN's kernels are CPU kernels
         model.quantization.runtime = to_integer_runtime(model, runtime)
         release_freed_memory()  # the float weights just dropped
     return model

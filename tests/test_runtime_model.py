@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,9 @@ from diffusers_gaq.quant.layers import QuantLayer
 from diffusers_gaq.quanto_export import export_to_quanto
 from diffusers_gaq.reference import load_reference_pipeline
 from diffusers_gaq.runtime import IntegerLayer, is_integer_runtime, onednn_available, runtime_weight_nbytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from benchmark_runtime import ddim_images  # noqa: E402  (the benchmark's exactness measure, at test size)
 
 torch.set_num_threads(1)
 
@@ -42,17 +47,6 @@ def saved(reference, tmp_path_factory):
     return folders
 
 
-def _samples(unet, scheduler, dtype=torch.float32, steps=20, n=8):
-    """Deterministic DDIM (eta 0) from fixed noise, as images in [0, 1] (float64)."""
-    x = torch.randn(n, 1, 32, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
-    scheduler = DDIMScheduler.from_config(scheduler.config)
-    scheduler.set_timesteps(steps)
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            x = scheduler.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
-    return (x.double() / 2 + 0.5).clamp(0, 1)
-
-
 def _psnr(a, b):
     mse = (a - b).pow(2).mean().item()
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
@@ -69,8 +63,8 @@ def test_runtime_samples_what_the_simulated_model_samples(tag, saved, reference)
     # The simulated model computed in float64 is its arithmetic without float32 rounding: the runtime's
     # int32 sums are exact, so it is measured against that (the float32 simulation's own rounding moves
     # activation codes across rounding boundaries as much; docs/runtime.md "How exact").
-    exact = _samples(copy.deepcopy(simulated).double(), reference.scheduler, torch.float64)
-    psnr = _psnr(_samples(runtime, reference.scheduler), exact)
+    exact = ddim_images(copy.deepcopy(simulated).double(), reference.scheduler, torch.float64, steps=20, seed=0)
+    psnr = _psnr(ddim_images(runtime, reference.scheduler, torch.float32, steps=20, seed=0), exact)
     assert psnr >= 38, f"{tag}: runtime vs simulated (float64) samples {psnr:.1f} dB"
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 
 from ..config import BUDGETS
-from .demo import cmd_demo, cmd_sensitivity
 from ..runtime.convert import RUNTIMES
+from .demo import cmd_demo, cmd_sensitivity
 from .evaluate import cmd_evaluate
 from .info import cmd_info, cmd_push
 from .quantize import cmd_quantize

@@ -15,6 +15,15 @@ from torch.utils.checkpoint import checkpoint
 from .quantizers import ActQuantizer, WeightQuantizer, fake_quantize
 
 
+def quantize_split_input(x: torch.Tensor, act_quantizer: ActQuantizer, split_at: int | None,
+                         split_quantizer: ActQuantizer | None) -> torch.Tensor:
+    """``x`` fake-quantized by ``act_quantizer``; with a split, channels ``[:split_at]`` by it and the
+    rest by ``split_quantizer`` (Q-Diffusion's shortcut splitting)."""
+    if split_quantizer is None:
+        return act_quantizer(x)
+    return torch.cat([act_quantizer(x[:, :split_at]), split_quantizer(x[:, split_at:])], dim=1)
+
+
 class QuantLayer(nn.Module):
     """Base of :class:`QuantConv2d` and :class:`QuantLinear`.
 
@@ -51,10 +60,7 @@ class QuantLayer(nn.Module):
         return self.weight_quantizer(self.layer.weight)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.split_quantizer is None:
-            return self.act_quantizer(x)
-        a, b = x[:, : self.split_at], x[:, self.split_at :]
-        return torch.cat([self.act_quantizer(a), self.split_quantizer(b)], dim=1)
+        return quantize_split_input(x, self.act_quantizer, self.split_at, self.split_quantizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_act_quant and self.act_quantizer is not None:

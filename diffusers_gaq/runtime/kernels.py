@@ -19,38 +19,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("onednn", "dequantize")
-
-
 def activation_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """clamp(round(x / s) + z, 0, 2^b - 1) as uint8: the codes the simulated activation quantizer
     (quant.quantizers.fake_quantize) computes, the same float operations in the same order."""
     return x.div(scale).round_().add_(zero_point).clamp_(0, 2**bits - 1).to(torch.uint8)
-
-
-@functools.lru_cache(maxsize=None)
-def onednn_available() -> bool:
-    """oneDNN's int8 kernels exist in this torch build and compute exactly on this CPU.
-
-    The probe multiplies the largest codes (activation 255, weights -128 and 127) over a long
-    reduction and compares with the exact sum: CPUs without VNNI may route uint8 x int8 products
-    through saturating int16 pairs, which would silently change the result."""
-    ops = getattr(torch.ops, "onednn", None)
-    if ops is None or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        k = 512
-        x = torch.full((2, k, 3, 3), 255, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
-        w = torch.full((4, k, 3, 3), -128, dtype=torch.int8)
-        w[::2] = 127
-        ones = torch.ones(4)
-        packed = torch.ops.onednn.qconv_prepack(w, ones, 1.0, 0, [1, 1], [1, 1], [1, 1], 1, None)
-        out = torch.ops.onednn.qconv2d_pointwise(x, 1.0, 0, packed, ones, torch.zeros(4, dtype=torch.int64), None,
-                                                 [1, 1], [1, 1], [1, 1], 1, 1.0, 0, torch.float32, "none", [], "")
-        exact = F.conv2d(x.double(), w.double(), padding=1)
-        return bool(torch.equal(out.double(), exact))
-    except (RuntimeError, NotImplementedError, AttributeError):
-        return False
 
 
 # ---- oneDNN ----------------------------------------------------------------------------------------
@@ -84,6 +56,30 @@ def onednn_linear(codes: torch.Tensor, x_scale: float, x_zero_point: int, packed
                   w_zero_points: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.onednn.qlinear_pointwise(codes, x_scale, x_zero_point, packed, w_scale, w_zero_points, bias, 1.0, 0,
                                               torch.float32, "none", [], "")
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_available() -> bool:
+    """oneDNN's int8 kernels exist in this torch build and compute exactly on this CPU.
+
+    The probe multiplies the largest codes (activation 255, weights -128 and 127) over a long
+    reduction and compares with the exact sum: CPUs without VNNI may route uint8 x int8 products
+    through saturating int16 pairs, which would silently change the result."""
+    ops = getattr(torch.ops, "onednn", None)
+    if ops is None or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        k = 512
+        x = torch.full((2, k, 3, 3), 255, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+        w = torch.full((4, k, 3, 3), -128, dtype=torch.int8)
+        w[::2] = 127
+        ones, geometry = torch.ones(4), [[1, 1], [1, 1], [1, 1]]
+        packed = pack_conv_weight(w, ones, *geometry, groups=1)
+        out = onednn_conv(x, 1.0, 0, packed, ones, torch.zeros(4, dtype=torch.int64), None, geometry)
+        exact = F.conv2d(x.double(), w.double(), padding=1)
+        return bool(torch.equal(out.double(), exact))
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
 
 
 # ---- int8 containers for codes with a zero point -----------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.layers import QuantConv2d, QuantLayer, QuantLinear
+from ..quant.layers import QuantConv2d, QuantLayer, QuantLinear, quantize_split_input
 from ..quant.quantizers import ActQuantizer
 from . import kernels
 
@@ -75,6 +75,8 @@ class IntegerLayer(nn.Module):
     # ---- what the layer can run on -------------------------------------------------------------------
     def onednn_refusal(self) -> str | None:
         """Why oneDNN's int8 kernel cannot compute this layer exactly (None: it can)."""
+        if self.weight_int8 is not None and self.weight_int8.device.type != "cpu":
+            return f"its weights are on {self.weight_int8.device.type} (oneDNN's int8 kernels are CPU kernels)"
         if self.act_quantizer is None:
             return "its input is not quantized (weight-only precision): an integer kernel needs integer inputs"
         bits = max(q.bits for q in self.act_quantizers())
@@ -108,8 +110,10 @@ class IntegerLayer(nn.Module):
             self._call_bias = torch.cat([bias, bias.new_zeros(1)])
             if self.bias is not None:
                 self.bias = self._call_bias[:channels]
-        self._packed = [self._pack_part(dense[:, part].contiguous()) for part, _ in self._parts()]
-        self._steps = [_InputSteps(q) for _, q in self._parts()]
+        parts = self._parts()
+        self._slices = [part for part, _ in parts]
+        self._packed = [self._pack_part(dense[:, part].contiguous()) for part in self._slices]
+        self._steps = [_InputSteps(q) for _, q in parts]
         self._timestep_aware = any(steps.timestep_aware for steps in self._steps)
         self._w_zero_points = torch.zeros(self._call_scale.shape[0], dtype=torch.int64)  # symmetric int8 weights
         self.weight_int8 = None  # the packed copy is the only one
@@ -171,9 +175,9 @@ class IntegerLayer(nn.Module):
     def _forward_integer(self, x: torch.Tensor, group: int) -> torch.Tensor:
         out = None
         split = self.split_at is not None
-        for i, (steps, packed) in enumerate(zip(self._steps, self._packed)):
+        for i, (part, steps, packed) in enumerate(zip(self._slices, self._steps, self._packed)):
             g = group if steps.timestep_aware else 0
-            xp = (x[:, : self.split_at] if i == 0 else x[:, self.split_at :]) if split else x
+            xp = x[:, part] if split else x
             codes = kernels.activation_codes(xp, steps.steps[g], steps.zeros[g], steps.bits)
             y = self._integer_call(codes, steps.step_values[g], steps.zero_values[g], packed,
                                    self._call_bias if i == 0 else None)
@@ -185,11 +189,7 @@ class IntegerLayer(nn.Module):
     def _forward_dequantized(self, x: torch.Tensor) -> torch.Tensor:
         """The simulated layer's arithmetic, from the integer weights (bit-identical to it)."""
         if self.act_quantizer is not None:
-            if self.split_at is None:
-                x = self.act_quantizer(x)
-            else:
-                x = torch.cat([self.act_quantizer(x[:, : self.split_at]), self.split_quantizer(x[:, self.split_at :])],
-                              dim=1)
+            x = quantize_split_input(x, self.act_quantizer, self.split_at, self.split_quantizer)
         scale = self.weight_scale.to(x.dtype)
         codes = self.dense_weight().to(scale.dtype)
         if self.weight_offset is not None:
