@@ -13,6 +13,7 @@ from optimum.quanto.nn import QModuleMixin
 from torch import nn
 
 from ..models.attention import QuantAttnProcessor
+from ..models.plain import plain_copy, quantized_attention, quantized_layers
 from ..quant.layers import QuantLayer
 from ..runtime import is_integer_runtime
 from .layers import _ACT_BITS, _ACT_SYMMETRIC_ZERO_POINT, _WEIGHT_QTYPES, _channel_view, to_quanto_module
@@ -27,7 +28,6 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 QMAP_NAME = "quanto_qmap.json"
 
 _WEIGHT_SHIFT_LIMITS = (-128, 127)  # qint8 data range; see _qbytes_weight
-_GAQ_ATTRIBUTES = ("quantization",)  # modeling.QuantizationState: our calibration state, not exported
 
 # Reasons a model is refused; the keys group the offending layers in the error message.
 _R_NOT_FROZEN = "weights are not calibrated (weight quantizer not frozen); quantize with quantize_pipeline() first"
@@ -61,11 +61,6 @@ _R_ATTENTION = (
     "quantized attention matmuls (quantize_attention=True): q, k, v and the softmax probabilities are quantized "
     "inside the attention product, which quanto has no module for (quantize with quantize_attention=False)"
 )
-
-
-def _base_class(model: nn.Module) -> type:
-    """The diffusers class under our ``Quantized*`` subclass (the model's own class if it has none)."""
-    return getattr(type(model), "diffusers_base_class", type(model))
 
 
 def _per_out_channel(t: torch.Tensor, out_channels: int) -> torch.Tensor:
@@ -177,9 +172,8 @@ def export_to_quanto(quantized_unet: nn.Module, *, activations: bool = True) -> 
     if is_integer_runtime(quantized_unet):
         raise ValueError("the model runs on diffusers-gaq's integer runtime; export the simulated model instead: "
                          "Quantized<Class>.from_pretrained(path, runtime='simulated')")
-    layers = [(n, m) for n, m in quantized_unet.named_modules() if isinstance(m, QuantLayer)]
-    attention = [(n, m) for n, m in quantized_unet.named_modules()
-                 if isinstance(getattr(m, "processor", None), QuantAttnProcessor)]
+    layers = quantized_layers(quantized_unet)
+    attention = quantized_attention(quantized_unet)
     if not layers:
         raise ValueError(f"{type(quantized_unet).__name__} has no quantized layers (QuantConv2d / QuantLinear): "
                          "quantize it with diffusers_gaq.quantize_pipeline() first")
@@ -215,22 +209,7 @@ def export_to_quanto(quantized_unet: nn.Module, *, activations: bool = True) -> 
         except (ValueError, TypeError) as e:
             raise ValueError(f"cannot export layer {name} to optimum-quanto: {e}") from e
 
-    # Deep-copy the model with each wrapper swapped for its quanto module on the way (deepcopy's memo
-    # returns the memoised object instead of copying), so the wrappers' float weights are never copied.
-    memo = {id(layer): qmodules[name] for name, layer in layers}
-    for attr in _GAQ_ATTRIBUTES:
-        value = quantized_unet.__dict__.get(attr)
-        if value is not None and not isinstance(value, (str, int, float, bool)):
-            memo[id(value)] = None  # our calibration state does not belong in the export
-    exported = copy.deepcopy(quantized_unet, memo)
-    exported.__class__ = _base_class(quantized_unet)
-    for attr in _GAQ_ATTRIBUTES:
-        exported.__dict__.pop(attr, None)
-    for name, _ in attention:
-        module = exported.get_submodule(name)
-        # quanto computes plain attention; the processor our wrapper replaced does exactly that.
-        module.set_processor(module.processor.original_processor)
-
+    exported = plain_copy(quantized_unet, qmodules)  # quanto computes plain attention: processors restored
     if dropped:
         logger.warning(
             "weight-only export: activation quantization of %d module(s) was dropped (e.g. %s); the weights are exact "
