@@ -9,7 +9,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from .config_files import read_config_fields, sorted_fields  # noqa: F401 - re-exported
 from .files import atomic_write_text
@@ -115,6 +115,10 @@ class GradientAlignedQuantizer:
     Run
         seed; device (None: cuda when available, else cpu).
     """
+
+    # What diffusers reads from a `quantization_config=` argument to find the backend; diffusers-gaq's
+    # backend then refuses quantize-on-load with a message that says what to call (diffusers_registry).
+    quant_method: ClassVar[str] = "diffusers_gaq"
 
     weight_bits: int = 4
     act_bits: int | None = 8

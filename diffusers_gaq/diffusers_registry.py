@@ -23,23 +23,44 @@ missing. diffusers resolves ``quant_method`` only in that registry, which exists
 that imported diffusers_gaq: without the import, diffusers itself refuses the folder with
 "Unknown quantization type, got diffusers_gaq" (its message, which we cannot change), which is still
 never silently wrong. ``device_map``, a torch_dtype other than float32 and sharded checkpoints are
-refused with a message naming ``QuantizedUNet2DModel.from_pretrained``; from the Hub, diffusers fetches
-only config.json and the weights, not quantization_config.json, so a Hub id is refused the same way.
+refused with a message naming ``QuantizedUNet2DModel.from_pretrained``. From the Hub, diffusers fetches
+only config.json and the weights, not quantization_config.json: the quantizer fetches it (and the
+calibration report) from the same commit into the same cache snapshot before loading.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 import torch
-from diffusers.quantizers import auto
-from diffusers.quantizers.base import DiffusersQuantizer
-from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
-from .checkpoint_layout import QUANT_METHOD, config_json_entry
+
+@contextlib.contextmanager
+def _quiet(*logger_names: str):
+    levels = {name: logging.getLogger(name).level for name in logger_names}
+    for name in logger_names:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+# diffusers' quantizer registry imports torchao when it is installed. On a machine without CUDA,
+# torchao logs that its CUDA extensions did not load, torch notes its enum registrations and diffusers
+# that torchao's older tensor classes are gone: warnings about backends this import does not use.
+with _quiet("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    from diffusers.quantizers import auto
+    from diffusers.quantizers.base import DiffusersQuantizer
+    from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+
+from .checkpoint_layout import QUANT_METHOD, REPORT_JSON, REPORT_TENSORS, config_json_entry
 from .config import CONFIG_NAME
 
+COMPONENT_LIBRARY = "diffusers_gaq.modeling"  # the module that defines the Quantized* classes
 logger = logging.getLogger(__name__)
 
 class _Method(str):
@@ -57,6 +78,15 @@ def _loader_error(what: str, load_with: str | None) -> ValueError:
                       "DiffusionPipeline.from_pretrained(pipeline_folder) after `import diffusers_gaq`)")
 
 
+QUANTIZE_ON_LOAD_REFUSAL = (
+    "diffusers-gaq does not quantize while loading: its calibration samples the whole FP pipeline (the "
+    "scheduler's trajectory, the conditioning from its encoders) and learns from those samples, which a "
+    "per-model loading hook cannot do. Load the FP pipeline, then call "
+    "diffusers_gaq.quantize_pipeline(pipe, GradientAlignedQuantizer(...)) (CLI: diffusers-gaq quantize); save "
+    "the result with save_pretrained and load that folder with DiffusionPipeline.from_pretrained after "
+    "`import diffusers_gaq`")
+
+
 def register() -> None:
     """Add the quantizer to diffusers' registry (idempotent). Called by ``import diffusers_gaq``."""
     if QUANT_METHOD in auto.AUTO_QUANTIZER_MAPPING:
@@ -65,7 +95,9 @@ def register() -> None:
     class GaqLoadingConfig(QuantizationConfigMixin):
         """config.json's quantization_config; nothing to configure (quantization_config.json holds it all)."""
 
-        def __init__(self, quant_method: str = QUANT_METHOD, load_with: str | None = None, **_ignored):
+        def __init__(self, quant_method: str = QUANT_METHOD, load_with: str | None = None, **settings):
+            if settings:  # PipelineQuantizationConfig(quant_backend="diffusers_gaq", quant_kwargs=...)
+                raise ValueError(f"{QUANTIZE_ON_LOAD_REFUSAL} (got quantization settings {sorted(settings)})")
             self.quant_method = _Method(quant_method)
             self.load_with = load_with
 
@@ -73,7 +105,9 @@ def register() -> None:
             return {"quant_method": str(self.quant_method), "load_with": self.load_with}
 
     class GaqDiffusersQuantizer(DiffusersQuantizer):
-        requires_calibration = True  # loading only: a model is quantized by quantize_pipeline, not here
+        # Not "requires_calibration": diffusers would refuse quantize-on-load with its own message; validate_environment
+        # refuses it with the call to make instead.
+        requires_calibration = False
         use_keep_in_fp32_modules = False
 
         def __init__(self, quantization_config, **kwargs):
@@ -81,16 +115,16 @@ def register() -> None:
             self._loaded = None
 
         def validate_environment(self, *args, torch_dtype=None, device_map=None, **kwargs):
+            if not self.pre_quantized:  # from_pretrained(fp_model, quantization_config=GradientAlignedQuantizer(...))
+                raise ValueError(QUANTIZE_ON_LOAD_REFUSAL)
 
             if device_map is not None:
                 raise _loader_error(f"device_map={device_map!r} is not supported for a diffusers-gaq checkpoint",
                                     self.quantization_config.load_with)
-            if torch_dtype is not None and torch_dtype != torch.float32:
-                raise _loader_error(f"torch_dtype={torch_dtype} is not supported (quantized models compute in float32)",
-                                    self.quantization_config.load_with)
+            check_torch_dtype(torch_dtype)
 
         def update_torch_dtype(self, torch_dtype):
-            return torch_dtype
+            return torch.float32  # the quantized model converts half-precision inputs and outputs itself
 
         def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
             files = [Path(f) for f in checkpoint_files if isinstance(f, (str, Path))]
@@ -98,6 +132,12 @@ def register() -> None:
                 raise _loader_error(f"a sharded or in-memory checkpoint ({len(checkpoint_files)} files) cannot be read "
                                     "here", self.quantization_config.load_with)
             folder = files[0].parent
+            if not (folder / CONFIG_NAME).is_file():
+                # From the Hub diffusers fetched config.json and the weights only: fetch the rest of the
+                # checkpoint from the same commit into the same cache snapshot.
+                from .hub.repo import fetch_beside
+
+                fetch_beside(folder, [CONFIG_NAME], [REPORT_JSON, REPORT_TENSORS])
             if not (folder / CONFIG_NAME).is_file():
                 raise _loader_error(f"{folder} has no {CONFIG_NAME} next to the weights (diffusers fetches only "
                                     "config.json and the weights from the Hub)", self.quantization_config.load_with)
@@ -144,7 +184,40 @@ def register() -> None:
 
     auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = GaqLoadingConfig
     auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = GaqDiffusersQuantizer
+    _register_component_library()
+    _register_with_transformers(GaqLoadingConfig)
     logger.debug("registered quant_method %r with diffusers", QUANT_METHOD)
+
+
+def _register_with_transformers(config_class) -> None:
+    # diffusers' PipelineQuantizationConfig accepts a quant_backend only if transformers knows it too.
+    # Registered there, `quant_backend="diffusers_gaq"` reaches the config class, which refuses
+    # quantize-on-load with the call to make instead (its constructor above), before any weight loads.
+    try:
+        from transformers.quantizers import auto as transformers_auto
+    except ImportError:
+        return
+    transformers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, config_class)
+
+
+def check_torch_dtype(torch_dtype) -> None:
+    """float32, float16 and bfloat16 load (the quantized model computes in float32 and converts
+    half-precision inputs and outputs); anything else is refused."""
+    if torch_dtype is not None and torch_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"torch_dtype={torch_dtype} cannot apply to a diffusers-gaq quantized model: it computes in "
+                         "float32 (integer weights) and accepts float32, float16 or bfloat16 inputs")
+
+
+def _register_component_library() -> None:
+    # A saved pipeline names its quantized denoiser ["diffusers_gaq.modeling", "Quantized<Class>"] in
+    # model_index.json. Before downloading a Hub repo, diffusers' pipeline loader takes any library it
+    # does not know for custom code that must ship in the repo (<component>/<library>.py); listing the
+    # module among its loadable libraries, as a ModelMixin provider like diffusers itself, makes it
+    # load the component with from_pretrained instead. Locally it resolves the imported module anyway.
+    from diffusers.pipelines import pipeline_loading_utils
+
+    pipeline_loading_utils.LOADABLE_CLASSES.setdefault(
+        COMPONENT_LIBRARY, {"ModelMixin": ["save_pretrained", "from_pretrained"]})
 
 
 __all__ = ["QUANT_METHOD", "config_json_entry", "register"]

@@ -35,9 +35,12 @@ from torch import nn
 from . import checkpoint_checks as checks
 from . import class_conditional_pipeline
 from .config import CONFIG_NAME, GradientAlignedQuantizer
-from .files import atomic_directory
+from .diffusers_registry import QUANTIZE_ON_LOAD_REFUSAL, check_torch_dtype
+from .files import atomic_directory, atomic_write_text
 from .folders import check_new_or_empty, check_replaceable
-from .hub import check_repo_id, public_base_model, push_quantized, write_model_card
+from .hub import CARD_NAME, REPO_ID_PLACEHOLDER, check_repo_id, public_base_model, push_quantized, write_model_card
+from .hub.repo import fetch_beside
+from .checkpoint_layout import REPORT_JSON, REPORT_TENSORS
 from .models import family_for
 from .models.timestep_groups import TimestepGroups, install_timestep_groups
 from .models.wrap import WrapReport, set_quant_state, wrap_model
@@ -87,8 +90,52 @@ def _state_field(name: str, doc: str) -> property:
     return property(get, set_, doc=doc)
 
 
+def _refuse_loading_options(kwargs: dict) -> None:
+    if kwargs.get("quantization_config") is not None:
+        raise ValueError(f"quantization_config= cannot apply to a saved diffusers-gaq model, which is quantized "
+                         f"already. {QUANTIZE_ON_LOAD_REFUSAL}")
+    for name in ("device_map", "variant"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{name}={kwargs[name]!r} cannot apply to a diffusers-gaq checkpoint (one float32 model "
+                             "of integer weights, saved once); load it without it and move it with .to(device)")
+
+
+def _to_float32(value):
+    """Floating tensors (also inside tuples, lists and dicts such as added_cond_kwargs) as float32."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
+    if isinstance(value, dict):
+        return {k: _to_float32(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_float32(v) for v in value)
+    return value
+
+
+def _input_dtype(args: tuple, kwargs: dict) -> torch.dtype:
+    # The sample (UNets) or hidden_states (transformers): the first tensor argument.
+    first = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+    return first.dtype if isinstance(first, torch.Tensor) and first.is_floating_point() else torch.float32
+
+
+def _cast_output(output, dtype: torch.dtype):
+    if isinstance(output, torch.Tensor):
+        return output.to(dtype) if output.is_floating_point() else output
+    if isinstance(output, tuple):
+        return tuple(_cast_output(v, dtype) for v in output)
+    for key, value in list(output.items()):  # diffusers' BaseOutput is an ordered dict of its fields
+        output[key] = _cast_output(value, dtype)
+    return output
+
+
 class QuantizedModelMixin:
-    """The quantized format's save / load / push on top of a diffusers model class."""
+    """The quantized format's save / load / push on top of a diffusers model class.
+
+    Precision: a quantized model computes in float32 (integer weights, float32 scales and steps, the
+    integer kernels' float32 interface), whatever ``torch_dtype`` the pipeline around it uses. It
+    takes float16 / bfloat16 inputs, computes in float32 and returns its output in the input's dtype,
+    so that it runs inside a half-precision pipeline; ``.to(torch.float16)`` (and ``pipe.to(...)``)
+    moves it but keeps its float32 compute, as diffusers does for bitsandbytes models.
+    """
 
     diffusers_base_class: type  # set by each class below; serialization records it
     quantization: QuantizationState | None = None
@@ -99,27 +146,66 @@ class QuantizedModelMixin:
     gaq_evaluation = _state_field("evaluation", "fidelity numbers for the model card, when an evaluation ran")
     gaq_base_model = _state_field("base_model", "where the FP model came from, as may be published")
 
+    def forward(self, *args, **kwargs):
+        dtype = _input_dtype(args, kwargs)
+        if dtype == torch.float32:
+            return super().forward(*args, **kwargs)
+        return _cast_output(super().forward(*_to_float32(args), **_to_float32(kwargs)), dtype)
+
+    def to(self, *args, **kwargs):
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and dtype != torch.float32:
+            _log_float32_compute(self, dtype)
+        # nn.Module.to, not diffusers' ModelMixin.to, which refuses any dtype for a quantized model.
+        return nn.Module.to(self, device=device, non_blocking=non_blocking) if device is not None else self
+
+    def half(self):
+        _log_float32_compute(self, torch.float16)
+        return self
+
+    def bfloat16(self):
+        _log_float32_compute(self, torch.bfloat16)
+        return self
+
+    def float(self):
+        return self
+
     def save_pretrained(self, save_directory, *, overwrite: bool = False, **kwargs):
         return save_quantized(self, save_directory, overwrite=overwrite, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, runtime: str = "auto", **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *, runtime: str = "auto", subfolder: str | None = None,
+                        torch_dtype: torch.dtype | None = None, **kwargs):
         """Load a diffusers-gaq checkpoint (folder or Hub repo id) for inference.
 
         ``runtime="auto"`` (the default) gives the fastest form that reproduces the simulated model on
         the device: int8 weights on oneDNN's integer kernels on x86 CPUs, int8 weights dequantized per
         call elsewhere; ``"onednn"`` / ``"dequantize"`` ask for one; ``"simulated"`` loads the fake-quant
         model calibration uses (float weights, bit-identical to the saved one; needed to save it again,
-        push it or export it). Hub options (revision, token, cache_dir, local_files_only, force_download,
-        endpoint) go to huggingface_hub; diffusers' loading options that do not apply to a quantized model
-        (torch_dtype, variant, ...) are ignored."""
+        push it or export it). ``subfolder`` names a pipeline's component (a pipeline folder or repo
+        given without it loads its one quantized component). ``torch_dtype`` float16 / bfloat16 is
+        accepted for pipelines whose other components run in half precision: the quantized model keeps
+        computing in float32 and converts its inputs and outputs (see ``to``). Hub options (revision,
+        token, cache_dir, local_files_only, force_download, endpoint) go to huggingface_hub. Options
+        that cannot apply to a quantized model are refused: ``quantization_config`` (quantize with
+        ``quantize_pipeline``), ``device_map``, ``variant``."""
+        _refuse_loading_options(kwargs)
+        check_torch_dtype(torch_dtype)
         hub_options = ("revision", "token", "cache_dir", "local_files_only", "force_download", "endpoint")
         hub = {k: kwargs[k] for k in hub_options if kwargs.get(k) is not None}
-        return load_quantized(pretrained_model_name_or_path, device=kwargs.get("device"), runtime=runtime, **hub)
+        return load_quantized(pretrained_model_name_or_path, device=kwargs.get("device"), runtime=runtime,
+                              subfolder=subfolder, **hub)
 
     def push_to_hub(self, repo_id: str, **kwargs):
         _require_simulated(self, "push")
         return push_quantized(self, repo_id, **kwargs)
+
+
+def _log_float32_compute(model, dtype: torch.dtype) -> None:
+    if not getattr(model, "_told_float32_compute", False):
+        model._told_float32_compute = True
+        logger.info("%s keeps computing in float32 (integer weights, float32 scales); it takes and returns %s "
+                    "tensors for the %s pipeline around it", type(model).__name__, dtype, dtype)
 
 
 class QuantizedUNet2DModel(QuantizedModelMixin, UNet2DModel):
@@ -162,6 +248,10 @@ def mark_quantized(model: nn.Module, state: QuantizationState) -> nn.Module:
     return model
 
 
+PIPELINE_PLACEHOLDER_LINE = '.from_pretrained("path/to/saved-pipeline")  # a saved pipeline\'s folder or repo id'
+PIPELINE_REPO_LINE = f'.from_pretrained("{REPO_ID_PLACEHOLDER}")  # this repo\'s id, or a local copy of it'
+
+
 # ---- save ----------------------------------------------------------------------------------------
 def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool = False,
                    model_card: bool = True, **_ignored) -> Path:
@@ -200,34 +290,106 @@ def save_quantized_pipeline(pipe, save_directory: str | os.PathLike, *, overwrit
         check_new_or_empty(target)
     check_replaceable(target, pipeline=True)  # overwrite=True replaces an earlier save of ours, nothing else
     with atomic_directory(target) as tmp:
-        pipe.save_pretrained(tmp)
+        type(pipe).save_pretrained(pipe, tmp)  # the class's save: the instance's may be bind_pipeline_save's
         for item in (tmp / component).iterdir():
-            if item.suffix in (".md", ".png"):
+            if item.suffix == ".png":
                 shutil.copy2(item, tmp / item.name)
+        # At the top of a pipeline, the card's pipeline snippet names this folder or repo: the
+        # placeholder that push fills with the repo id.
+        card = (tmp / component / CARD_NAME).read_text(encoding="utf-8")
+        atomic_write_text(tmp / CARD_NAME, card.replace(PIPELINE_PLACEHOLDER_LINE, PIPELINE_REPO_LINE))
     return target
 
 
+def bind_pipeline_save(pipe):
+    """Give this pipeline instance the quantized pipeline save as its ``save_pretrained``: atomic, the
+    card at the top too, ``push_to_hub=True`` uploading exactly the saved folder. Returns ``pipe``."""
+    def save_pretrained(save_directory, *, push_to_hub: bool = False, repo_id: str | None = None,
+                        variant: str | None = None, overwrite: bool = True, **kwargs):
+        if variant is not None:
+            raise ValueError(f"variant={variant!r} cannot apply to a quantized pipeline: its denoiser is saved once, "
+                             "in the quantized format; the other components as they are")
+        unknown = sorted(set(kwargs) - {"safe_serialization", "token", "private", "commit_message", "create_pr"})
+        if unknown:
+            raise TypeError(f"save_pretrained() got unexpected options {unknown}")
+        target = save_quantized_pipeline(pipe, save_directory, overwrite=overwrite)
+        if push_to_hub:
+            from .hub import push_folder
+
+            push_folder(target, repo_id or Path(save_directory).name, token=kwargs.get("token"),
+                        private=kwargs.get("private"), commit_message=kwargs.get("commit_message"),
+                        create_pr=bool(kwargs.get("create_pr", False)))
+        return target
+
+    pipe.save_pretrained = save_pretrained
+    return pipe
+
+
 # ---- load ----------------------------------------------------------------------------------------
-def resolve_checkpoint(path_or_repo: str | os.PathLike, **hub_kwargs) -> Path:
-    """A local folder as is; otherwise a Hub repo id, downloaded with huggingface_hub."""
+_CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "*.md", "*.png")
+
+
+def _quantized_components(index: dict) -> list[str]:
+    return [name for name, entry in index.items()
+            if isinstance(entry, list) and len(entry) == 2 and entry[1] in QUANTIZED_CLASS_NAMES]
+
+
+def _pick_component(index: dict, where: str) -> str:
+    """The quantized component of a saved pipeline: loading a pipeline folder or repo as a model
+    loads its one quantized denoiser, as the model card's snippet does."""
+    names = _quantized_components(index)
+    if len(names) != 1:
+        raise CheckpointError(f"{where} is a pipeline with {len(names)} quantized components ({', '.join(names) or 'none'}); "
+                              "pass subfolder='<component>' to load one, or load the whole pipeline with "
+                              "DiffusionPipeline.from_pretrained after `import diffusers_gaq`")
+    logger.info("%s is a saved pipeline: loading its quantized %s", where, names[0])
+    return names[0]
+
+
+def _hub_component(repo_id: str, hub_kwargs: dict) -> str | None:
+    """The quantized component of a pipeline repo (from its model_index.json), None for a model repo."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        index = hf_hub_download(repo_id, "model_index.json", **hub_kwargs)
+    except EntryNotFoundError:
+        return None
+    return _pick_component(read_json(Path(index)), repo_id)
+
+
+def resolve_checkpoint(path_or_repo: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> Path:
+    """The folder of a quantized model: a local folder as is, a Hub repo id downloaded with huggingface_hub
+    (only the model's files). ``subfolder`` names a pipeline's component; a pipeline given without
+    it resolves to its one quantized component."""
     path = Path(path_or_repo)
     if path.is_dir():
-        return path
+        folder = path / subfolder if subfolder else path
+        if subfolder is None and not (folder / CONFIG_NAME).is_file() and (folder / "model_index.json").is_file():
+            folder = folder / _pick_component(read_json(folder / "model_index.json"), str(folder))
+        if not (folder / CONFIG_NAME).is_file():
+            # A Hub snapshot diffusers downloaded (config.json and weights only): the rest, same commit.
+            fetch_beside(folder, [CONFIG_NAME], [REPORT_JSON, REPORT_TENSORS])
+        return folder
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the checkpoint folder")
-    check_repo_id(str(path_or_repo))
-    allowed = hub_kwargs.pop("allow_patterns", ["*.json", "*.safetensors", "*.md", "*.png"])
-    return Path(snapshot_download(str(path_or_repo), allow_patterns=allowed, **hub_kwargs))
+    repo_id = check_repo_id(str(path_or_repo))
+    hub_kwargs.pop("allow_patterns", None)
+    if subfolder is None:
+        subfolder = _hub_component(repo_id, hub_kwargs)
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    root = Path(snapshot_download(repo_id, allow_patterns=[prefix + p for p in _CHECKPOINT_PATTERNS], **hub_kwargs))
+    return root / subfolder if subfolder else root
 
 
 def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device | None = None,
-                   runtime: str = "auto", **hub_kwargs):
+                   runtime: str = "auto", subfolder: str | None = None, **hub_kwargs):
     """Rebuild a saved quantized model. ``runtime="simulated"`` gives the fake-quant model, computing
     bit-identically to the one that was saved; any other runtime converts it to the integer runtime
     (runtime/; see ``QuantizedModelMixin.from_pretrained``). Everything read is verified
     (checkpoint_checks.py); a checkpoint that disagrees with itself raises CheckpointError."""
     check_runtime(runtime)
-    folder = resolve_checkpoint(path_or_repo, **hub_kwargs)
+    folder = resolve_checkpoint(path_or_repo, subfolder, **hub_kwargs)
     qcfg = read_quantization_config(folder)
     config = saved_quantizer_config(qcfg, folder / CONFIG_NAME)
     model = build_base_model(qcfg, folder)
@@ -289,16 +451,23 @@ def load_quantized_pipeline(path_or_repo: str | os.PathLike, *, runtime: str = "
     ``QuantizedModelMixin.from_pretrained``). A pipeline class diffusers does not ship
     (``ClassConditionalDDIMPipeline``) is looked up here."""
     check_runtime(runtime)
-    kwargs.setdefault("local_files_only", Path(path_or_repo).is_dir())
-    index = Path(path_or_repo) / "model_index.json"
+    _refuse_loading_options({k: kwargs.get(k) for k in ("quantization_config", "device_map")})
+    folder = Path(path_or_repo)
+    if not folder.is_dir():
+        if folder.exists():
+            raise CheckpointError(f"{folder} is a file; pass the saved pipeline's folder")
+        # diffusers' own download (model_index.json, then each component's files), then a local load.
+        hub = {k: kwargs.pop(k) for k in ("revision", "token", "cache_dir", "force_download") if k in kwargs}
+        folder = Path(DiffusionPipeline.download(check_repo_id(str(path_or_repo)), **hub))
+    kwargs.setdefault("local_files_only", True)
+    index = folder / "model_index.json"
     pipeline_class = DiffusionPipeline
     if index.is_file():
         entries = read_json(index)
         # diffusers resolves `_class_name` in its own namespace only.
         pipeline_class = getattr(class_conditional_pipeline, entries.get("_class_name", ""), DiffusionPipeline)
         if runtime != "auto":  # diffusers' loader calls from_pretrained without it: load the denoiser here
-            for name, entry in entries.items():
-                if isinstance(entry, list) and len(entry) == 2 and entry[1] in QUANTIZED_CLASS_NAMES and name not in kwargs:
-                    kwargs[name] = load_quantized(Path(path_or_repo) / name, device=kwargs.get("device"),
-                                                  runtime=runtime)
-    return pipeline_class.from_pretrained(str(path_or_repo), **kwargs)
+            for name in _quantized_components(entries):
+                if name not in kwargs:
+                    kwargs[name] = load_quantized(folder / name, device=kwargs.get("device"), runtime=runtime)
+    return pipeline_class.from_pretrained(str(folder), **kwargs)

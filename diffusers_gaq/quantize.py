@@ -15,7 +15,7 @@ from .checkpointing import open_checkpoint
 from .config import GradientAlignedQuantizer
 from .distributed import detect, unit_sync_check
 from .hub import public_base_model
-from .modeling import QuantizationState, mark_quantized
+from .modeling import QuantizationState, bind_pipeline_save, mark_quantized
 from .models import denoiser_of, rebuild_pipeline
 from .models import supported_pipelines as _supported_pipelines
 from .models.wrap import check_layer_patterns, reconstruction_units, set_quant_state, wrap_model
@@ -127,7 +127,7 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
     mark_quantized(model, QuantizationState(config, wrap, report, base_model=public_base_model(base_model) or _public_origin(pipe, fp_model)))
     if model.config.get("_name_or_path"):  # config.json would otherwise carry the absolute path too
         model.register_to_config(_name_or_path=public_base_model(model.config["_name_or_path"]))
-    return rebuild_pipeline(pipe, component, model)
+    return bind_pipeline_save(rebuild_pipeline(pipe, component, model))
 
 
 def _public_origin(pipe, fp_model) -> str | None:

@@ -76,3 +76,42 @@ def public_base_model(name_or_path) -> str | None:
     # A path that no longer exists (an older checkpoint): its last part, on any OS's separators.
     return re.split(r"[\\/]", text.rstrip("\\/"))[-1] or None
 
+
+
+def cached_snapshot_origin(folder: Path) -> tuple[str, str, str | None, Path] | None:
+    """(repo id, revision, subfolder, cache dir) of a folder inside huggingface_hub's cache, laid out as
+    ``<cache>/models--<namespace>--<name>/snapshots/<commit>/<subfolder>``; None for any other folder."""
+    parts = Path(folder).absolute().parts
+    if "snapshots" not in parts:
+        return None
+    at = len(parts) - 1 - parts[::-1].index("snapshots")
+    if at < 1 or at + 1 >= len(parts) or not parts[at - 1].startswith("models--"):
+        return None
+    repo_id = parts[at - 1][len("models--"):].replace("--", "/")
+    subfolder = "/".join(parts[at + 2:]) or None
+    return repo_id, parts[at + 1], subfolder, Path(*parts[: at - 1])
+
+
+def fetch_beside(folder: Path, required: list[str], optional: list[str] = ()) -> bool:
+    """Download files a cached Hub snapshot folder lacks, from the same repo and commit, into it.
+
+    diffusers' ``ModelMixin.from_pretrained(repo_id)`` fetches only ``config.json`` and the weights;
+    a diffusers-gaq checkpoint needs its ``quantization_config.json`` beside them. Returns False when
+    ``folder`` is not in the Hub cache. The endpoint and token are huggingface_hub's (HF_ENDPOINT,
+    HF_TOKEN or the saved login)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    origin = cached_snapshot_origin(folder)
+    if origin is None:
+        return False
+    repo_id, revision, subfolder, cache_dir = origin
+    for name in [*required, *optional]:
+        if (Path(folder) / name).is_file():
+            continue
+        try:
+            hf_hub_download(repo_id, name, subfolder=subfolder, revision=revision, cache_dir=cache_dir)
+        except EntryNotFoundError:
+            if name in required:
+                raise
+    return True
