@@ -59,6 +59,7 @@ with _quiet("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torc
 
 from .checkpoint_layout import QUANT_METHOD, REPORT_JSON, REPORT_TENSORS, config_json_entry
 from .config import CONFIG_NAME
+from .load_options import QUANTIZE_ON_LOAD_REFUSAL, check_torch_dtype
 
 COMPONENT_LIBRARY = "diffusers_gaq.modeling"  # the module that defines the Quantized* classes
 logger = logging.getLogger(__name__)
@@ -76,15 +77,6 @@ def _loader_error(what: str, load_with: str | None) -> ValueError:
     return ValueError(f"{what}; load this diffusers-gaq checkpoint with diffusers_gaq's own call instead: {call} "
                       "(or diffusers_gaq.modeling.load_quantized(path), or "
                       "DiffusionPipeline.from_pretrained(pipeline_folder) after `import diffusers_gaq`)")
-
-
-QUANTIZE_ON_LOAD_REFUSAL = (
-    "diffusers-gaq does not quantize while loading: its calibration samples the whole FP pipeline (the "
-    "scheduler's trajectory, the conditioning from its encoders) and learns from those samples, which a "
-    "per-model loading hook cannot do. Load the FP pipeline, then call "
-    "diffusers_gaq.quantize_pipeline(pipe, GradientAlignedQuantizer(...)) (CLI: diffusers-gaq quantize); save "
-    "the result with save_pretrained and load that folder with DiffusionPipeline.from_pretrained after "
-    "`import diffusers_gaq`")
 
 
 def register() -> None:
@@ -198,14 +190,6 @@ def _register_with_transformers(config_class) -> None:
     except ImportError:
         return
     transformers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, config_class)
-
-
-def check_torch_dtype(torch_dtype) -> None:
-    """float32, float16 and bfloat16 load (the quantized model computes in float32 and converts
-    half-precision inputs and outputs); anything else is refused."""
-    if torch_dtype is not None and torch_dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"torch_dtype={torch_dtype} cannot apply to a diffusers-gaq quantized model: it computes in "
-                         "float32 (integer weights) and accepts float32, float16 or bfloat16 inputs")
 
 
 def _register_component_library() -> None:

@@ -35,7 +35,7 @@ from torch import nn
 from . import checkpoint_checks as checks
 from . import class_conditional_pipeline
 from .config import CONFIG_NAME, GradientAlignedQuantizer
-from .diffusers_registry import QUANTIZE_ON_LOAD_REFUSAL, check_torch_dtype
+from .load_options import cast_output, check_torch_dtype, input_dtype, log_float32_compute, refuse_loading_options, to_float32
 from .files import atomic_directory, atomic_write_text
 from .folders import check_new_or_empty, check_replaceable
 from .hub import CARD_NAME, REPO_ID_PLACEHOLDER, check_repo_id, public_base_model, push_quantized, write_model_card
@@ -90,43 +90,6 @@ def _state_field(name: str, doc: str) -> property:
     return property(get, set_, doc=doc)
 
 
-def _refuse_loading_options(kwargs: dict) -> None:
-    if kwargs.get("quantization_config") is not None:
-        raise ValueError(f"quantization_config= cannot apply to a saved diffusers-gaq model, which is quantized "
-                         f"already. {QUANTIZE_ON_LOAD_REFUSAL}")
-    for name in ("device_map", "variant"):
-        if kwargs.get(name) is not None:
-            raise ValueError(f"{name}={kwargs[name]!r} cannot apply to a diffusers-gaq checkpoint (one float32 model "
-                             "of integer weights, saved once); load it without it and move it with .to(device)")
-
-
-def _to_float32(value):
-    """Floating tensors (also inside tuples, lists and dicts such as added_cond_kwargs) as float32."""
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
-    if isinstance(value, dict):
-        return {k: _to_float32(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_float32(v) for v in value)
-    return value
-
-
-def _input_dtype(args: tuple, kwargs: dict) -> torch.dtype:
-    # The sample (UNets) or hidden_states (transformers): the first tensor argument.
-    first = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
-    return first.dtype if isinstance(first, torch.Tensor) and first.is_floating_point() else torch.float32
-
-
-def _cast_output(output, dtype: torch.dtype):
-    if isinstance(output, torch.Tensor):
-        return output.to(dtype) if output.is_floating_point() else output
-    if isinstance(output, tuple):
-        return tuple(_cast_output(v, dtype) for v in output)
-    for key, value in list(output.items()):  # diffusers' BaseOutput is an ordered dict of its fields
-        output[key] = _cast_output(value, dtype)
-    return output
-
-
 class QuantizedModelMixin:
     """The quantized format's save / load / push on top of a diffusers model class.
 
@@ -147,24 +110,24 @@ class QuantizedModelMixin:
     gaq_base_model = _state_field("base_model", "where the FP model came from, as may be published")
 
     def forward(self, *args, **kwargs):
-        dtype = _input_dtype(args, kwargs)
+        dtype = input_dtype(args, kwargs)
         if dtype == torch.float32:
             return super().forward(*args, **kwargs)
-        return _cast_output(super().forward(*_to_float32(args), **_to_float32(kwargs)), dtype)
+        return cast_output(super().forward(*to_float32(args), **to_float32(kwargs)), dtype)
 
     def to(self, *args, **kwargs):
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
         if dtype is not None and dtype != torch.float32:
-            _log_float32_compute(self, dtype)
+            log_float32_compute(self, dtype)
         # nn.Module.to, not diffusers' ModelMixin.to, which refuses any dtype for a quantized model.
         return nn.Module.to(self, device=device, non_blocking=non_blocking) if device is not None else self
 
     def half(self):
-        _log_float32_compute(self, torch.float16)
+        log_float32_compute(self, torch.float16)
         return self
 
     def bfloat16(self):
-        _log_float32_compute(self, torch.bfloat16)
+        log_float32_compute(self, torch.bfloat16)
         return self
 
     def float(self):
@@ -189,7 +152,7 @@ class QuantizedModelMixin:
         token, cache_dir, local_files_only, force_download, endpoint) go to huggingface_hub. Options
         that cannot apply to a quantized model are refused: ``quantization_config`` (quantize with
         ``quantize_pipeline``), ``device_map``, ``variant``."""
-        _refuse_loading_options(kwargs)
+        refuse_loading_options(kwargs)
         check_torch_dtype(torch_dtype)
         hub_options = ("revision", "token", "cache_dir", "local_files_only", "force_download", "endpoint")
         hub = {k: kwargs[k] for k in hub_options if kwargs.get(k) is not None}
@@ -199,13 +162,6 @@ class QuantizedModelMixin:
     def push_to_hub(self, repo_id: str, **kwargs):
         _require_simulated(self, "push")
         return push_quantized(self, repo_id, **kwargs)
-
-
-def _log_float32_compute(model, dtype: torch.dtype) -> None:
-    if not getattr(model, "_told_float32_compute", False):
-        model._told_float32_compute = True
-        logger.info("%s keeps computing in float32 (integer weights, float32 scales); it takes and returns %s "
-                    "tensors for the %s pipeline around it", type(model).__name__, dtype, dtype)
 
 
 class QuantizedUNet2DModel(QuantizedModelMixin, UNet2DModel):
@@ -299,30 +255,6 @@ def save_quantized_pipeline(pipe, save_directory: str | os.PathLike, *, overwrit
         card = (tmp / component / CARD_NAME).read_text(encoding="utf-8")
         atomic_write_text(tmp / CARD_NAME, card.replace(PIPELINE_PLACEHOLDER_LINE, PIPELINE_REPO_LINE))
     return target
-
-
-def bind_pipeline_save(pipe):
-    """Give this pipeline instance the quantized pipeline save as its ``save_pretrained``: atomic, the
-    card at the top too, ``push_to_hub=True`` uploading exactly the saved folder. Returns ``pipe``."""
-    def save_pretrained(save_directory, *, push_to_hub: bool = False, repo_id: str | None = None,
-                        variant: str | None = None, overwrite: bool = True, **kwargs):
-        if variant is not None:
-            raise ValueError(f"variant={variant!r} cannot apply to a quantized pipeline: its denoiser is saved once, "
-                             "in the quantized format; the other components as they are")
-        unknown = sorted(set(kwargs) - {"safe_serialization", "token", "private", "commit_message", "create_pr"})
-        if unknown:
-            raise TypeError(f"save_pretrained() got unexpected options {unknown}")
-        target = save_quantized_pipeline(pipe, save_directory, overwrite=overwrite)
-        if push_to_hub:
-            from .hub import push_folder
-
-            push_folder(target, repo_id or Path(save_directory).name, token=kwargs.get("token"),
-                        private=kwargs.get("private"), commit_message=kwargs.get("commit_message"),
-                        create_pr=bool(kwargs.get("create_pr", False)))
-        return target
-
-    pipe.save_pretrained = save_pretrained
-    return pipe
 
 
 # ---- load ----------------------------------------------------------------------------------------
@@ -451,7 +383,7 @@ def load_quantized_pipeline(path_or_repo: str | os.PathLike, *, runtime: str = "
     ``QuantizedModelMixin.from_pretrained``). A pipeline class diffusers does not ship
     (``ClassConditionalDDIMPipeline``) is looked up here."""
     check_runtime(runtime)
-    _refuse_loading_options({k: kwargs.get(k) for k in ("quantization_config", "device_map")})
+    refuse_loading_options({k: kwargs.get(k) for k in ("quantization_config", "device_map")})
     folder = Path(path_or_repo)
     if not folder.is_dir():
         if folder.exists():

@@ -6,6 +6,7 @@ import copy
 import logging
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -15,7 +16,7 @@ from .checkpointing import open_checkpoint
 from .config import GradientAlignedQuantizer
 from .distributed import detect, unit_sync_check
 from .hub import public_base_model
-from .modeling import QuantizationState, bind_pipeline_save, mark_quantized
+from .modeling import QuantizationState, mark_quantized, save_quantized_pipeline
 from .models import denoiser_of, rebuild_pipeline
 from .models import supported_pipelines as _supported_pipelines
 from .models.wrap import check_layer_patterns, reconstruction_units, set_quant_state, wrap_model
@@ -128,6 +129,30 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
     if model.config.get("_name_or_path"):  # config.json would otherwise carry the absolute path too
         model.register_to_config(_name_or_path=public_base_model(model.config["_name_or_path"]))
     return bind_pipeline_save(rebuild_pipeline(pipe, component, model))
+
+
+def bind_pipeline_save(pipe):
+    """Give this pipeline instance the quantized pipeline save as its ``save_pretrained``: atomic, the
+    card at the top too, ``push_to_hub=True`` uploading exactly the saved folder. Returns ``pipe``."""
+    def save_pretrained(save_directory, *, push_to_hub: bool = False, repo_id: str | None = None,
+                        variant: str | None = None, overwrite: bool = True, **kwargs):
+        if variant is not None:
+            raise ValueError(f"variant={variant!r} cannot apply to a quantized pipeline: its denoiser is saved once, "
+                             "in the quantized format; the other components as they are")
+        unknown = sorted(set(kwargs) - {"safe_serialization", "token", "private", "commit_message", "create_pr"})
+        if unknown:
+            raise TypeError(f"save_pretrained() got unexpected options {unknown}")
+        target = save_quantized_pipeline(pipe, save_directory, overwrite=overwrite)
+        if push_to_hub:
+            from .hub import push_folder
+
+            push_folder(target, repo_id or Path(save_directory).name, token=kwargs.get("token"),
+                        private=kwargs.get("private"), commit_message=kwargs.get("commit_message"),
+                        create_pr=bool(kwargs.get("create_pr", False)))
+        return target
+
+    pipe.save_pretrained = save_pretrained
+    return pipe
 
 
 def _public_origin(pipe, fp_model) -> str | None:
