@@ -33,7 +33,7 @@ from huggingface_hub import snapshot_download
 from torch import nn
 
 from . import checkpoint_checks as checks
-from . import class_conditional_pipeline
+from . import class_conditional_pipeline, lora
 from .config import CONFIG_NAME, GradientAlignedQuantizer
 from .load_options import cast_output, check_torch_dtype, input_dtype, log_float32_compute, refuse_loading_options, to_float32
 from .files import atomic_directory, atomic_write_text
@@ -161,7 +161,22 @@ class QuantizedModelMixin:
 
     def push_to_hub(self, repo_id: str, **kwargs):
         _require_simulated(self, "push")
+        lora.refuse_if_adapted(self, "push")
         return push_quantized(self, repo_id, **kwargs)
+
+    # LoRA (lora/): diffusers' adapter calls, with the adapter beside the quantized layers.
+    def load_lora_adapter(self, *args, **kwargs):
+        lora.install()
+        return super().load_lora_adapter(*args, **kwargs)
+
+    def add_adapter(self, adapter_config, adapter_name: str = "default") -> None:
+        lora.install()
+        # Checked before diffusers marks the model as adapted, so a refusal leaves it as it was.
+        lora.check_config_targets(self, adapter_config)
+        return super().add_adapter(adapter_config, adapter_name)
+
+    def fuse_lora(self, *args, **kwargs):
+        lora.refuse_fuse()
 
 
 class QuantizedUNet2DModel(QuantizedModelMixin, UNet2DModel):
@@ -219,6 +234,7 @@ def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool 
     # (overwrite=True allows no more than that: it is accepted for symmetry with the pipeline save).
     check_replaceable(target, pipeline=False)
     _require_simulated(model, "save")
+    lora.refuse_if_adapted(model, "save")
     state = model.quantization
     with atomic_directory(target) as tmp:
         write_quantized_files(model, tmp, config=state.config, wrap=state.wrap, report=state.report,
@@ -241,6 +257,7 @@ def save_quantized_pipeline(pipe, save_directory: str | os.PathLike, *, overwrit
         raise TypeError(f"the {type(pipe).__name__} holds no quantized denoiser; quantize it with quantize_pipeline() "
                         "first, or save an FP pipeline with its own save_pretrained")
     _require_simulated(pipe.components[component], "save")
+    lora.refuse_if_adapted(pipe.components[component], "save")
     target = Path(save_directory)
     if not overwrite:
         check_new_or_empty(target)
