@@ -14,6 +14,7 @@ checking it against the base classes it finds here (``ModelMixin``, imported bel
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -42,7 +43,7 @@ from .hub import CARD_NAME, REPO_ID_PLACEHOLDER, check_repo_id, public_base_mode
 from .hub.repo import fetch_beside
 from .checkpoint_layout import REPORT_JSON, REPORT_TENSORS
 from .models import family_for
-from .models.timestep_groups import TimestepGroups, install_timestep_groups
+from .models.timestep_groups import TimestepGroups, install_timestep_groups, set_timestep_groups
 from .models.wrap import WrapReport, set_quant_state, wrap_model
 from .quant.quantizers import has_timestep_aware
 from .runtime import RuntimeReport, check_runtime, is_integer_runtime, to_integer_runtime
@@ -101,6 +102,7 @@ class QuantizedModelMixin:
     """
 
     diffusers_base_class: type  # set by each class below; serialization records it
+    gaq_groups_in_forward = True  # each class's forward sets the timestep groups (no pre-hook needed)
     quantization: QuantizationState | None = None
 
     gaq_config = _state_field("config", "GradientAlignedQuantizer the model was quantized with")
@@ -179,20 +181,35 @@ class QuantizedModelMixin:
         lora.refuse_fuse()
 
 
+def _forward_setting_groups(base_forward):
+    """``base_forward`` preceded by the timestep-group lookup of timestep-aware quantizers. In the forward
+    rather than in a pre-hook, so that torch.compile(model) captures one graph; wraps keeps the base's
+    signature, which diffusers inspects."""
+    @functools.wraps(base_forward)
+    def forward(self, *args, **kwargs):
+        set_timestep_groups(self, args, kwargs)
+        return base_forward(self, *args, **kwargs)
+    return forward
+
+
 class QuantizedUNet2DModel(QuantizedModelMixin, UNet2DModel):
     diffusers_base_class = UNet2DModel
+    forward = _forward_setting_groups(UNet2DModel.forward)
 
 
 class QuantizedUNet2DConditionModel(QuantizedModelMixin, UNet2DConditionModel):
     diffusers_base_class = UNet2DConditionModel
+    forward = _forward_setting_groups(UNet2DConditionModel.forward)
 
 
 class QuantizedDiTTransformer2DModel(QuantizedModelMixin, DiTTransformer2DModel):
     diffusers_base_class = DiTTransformer2DModel
+    forward = _forward_setting_groups(DiTTransformer2DModel.forward)
 
 
 class QuantizedTransformer2DModel(QuantizedModelMixin, Transformer2DModel):
     diffusers_base_class = Transformer2DModel
+    forward = _forward_setting_groups(Transformer2DModel.forward)
 
 
 QUANTIZED_CLASSES = {cls.diffusers_base_class: cls for cls in (

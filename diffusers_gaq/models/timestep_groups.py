@@ -77,18 +77,31 @@ def _timestep_and_batch(args, kwargs):
     timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
     if timestep is None:
         raise ValueError("this model has timestep-aware activation quantizers and must be called with a timestep")
-    return torch.as_tensor(timestep), (sample.shape[0] if isinstance(sample, torch.Tensor) else None)
+    if not isinstance(timestep, torch.Tensor):
+        # torch.tensor([t]) rather than as_tensor(t): torch.compile then treats a Python number as dynamic
+        # after one recompile instead of compiling once per timestep.
+        timestep = torch.tensor([timestep])
+    return timestep, (sample.shape[0] if isinstance(sample, torch.Tensor) else None)
 
 
-def _set_groups_hook(model: nn.Module, args, kwargs):
+def set_timestep_groups(model: nn.Module, args, kwargs) -> None:
+    """Give every timestep-aware quantizer of ``model`` the group of each sample of the call ``model(*args,
+    **kwargs)``. Tensor operations only (no ``.item()``), so that it traces into a compiled model's graph."""
     groups: TimestepGroups | None = getattr(model, "gaq_timestep_groups", None)
     if groups is None:
-        return None
+        return
     timestep, batch = _timestep_and_batch(args, kwargs)
     g = groups.lookup(timestep)
     if batch is not None and len(g) == 1:
         g = g.expand(batch)
     set_group_index(model, g.to(next(model.parameters()).device))
+
+
+def _set_groups_hook(model: nn.Module, args, kwargs):
+    # A model class whose forward sets the groups itself (the Quantized* classes) skips the hook:
+    # torch.compile(model) runs a top-level module's hooks as a frame of their own, a second graph.
+    if not getattr(model, "gaq_groups_in_forward", False):
+        set_timestep_groups(model, args, kwargs)
     return None
 
 
@@ -102,4 +115,5 @@ def install_timestep_groups(model: nn.Module, groups: TimestepGroups | None) -> 
         model._gaq_timestep_hook = True
 
 
-__all__ = ["TimestepGroups", "groups_from_data", "install_timestep_groups", "sample_groups", "sample_groups_of"]
+__all__ = ["TimestepGroups", "groups_from_data", "install_timestep_groups", "sample_groups", "sample_groups_of",
+           "set_timestep_groups"]

@@ -191,7 +191,7 @@ class QuantAttentionCore(nn.Module):
         if pq.observing:
             out = self._observe(qf, kf, vf, scale, maskf, rows, tq, tk)
         else:
-            if bool(pq.initialized):
+            if pq.is_initialized:
                 step, zero_point = pq.step_per_row(rows)
             out = self._compute(qf, kf, vf, scale, maskf, step, zero_point, pq.bits, rows, tq, tk)
         return out.reshape(batch, heads, tq, v.shape[-1])

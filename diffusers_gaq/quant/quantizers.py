@@ -237,6 +237,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("running_max", torch.full(shape, -math.inf))
         self.register_buffer("zero_point", torch.zeros(shape))
         self.register_buffer("initialized", torch.tensor(False))
+        self.is_initialized = False  # the buffer as a bool for forward: no sync, no torch.compile graph break
         self.scale = nn.Parameter(torch.ones(shape))
         self._pool: list[list[torch.Tensor]] = [[] for _ in range(num_groups)]
         self._global: list[list[float]] = [[math.inf, -math.inf] for _ in range(num_groups)]
@@ -271,8 +272,7 @@ class ActQuantizer(nn.Module):
         else:
             rmin[g] = self.momentum * rmin[g] + (1 - self.momentum) * lo
             rmax[g] = self.momentum * rmax[g] + (1 - self.momentum) * hi
-        stats = self._global[g]
-        stats[0], stats[1] = min(stats[0], lo.item()), max(stats[1], hi.item())
+        self._global[g] = [min(self._global[g][0], lo.item()), max(self._global[g][1], hi.item())]
         if pool is not None:
             self._pool[g].append(pool.cpu())
 
@@ -370,26 +370,30 @@ class ActQuantizer(nn.Module):
         if missing:
             what = "any data" if len(missing) == self.num_groups else f"data of timestep group(s) {missing}"
             raise RuntimeError(f"activation quantizer finalised before observing {what}")
-        scales, zps = [], []
+        pairs = []
         for g in range(self.num_groups):
             lo, hi = self._group_range(g)
             lo = torch.zeros(()) if self.unsigned else lo
-            s, z = scale_from_range(lo, hi, self.bits, self.symmetric and not self.unsigned)
-            scales.append(s)
-            zps.append(z)
+            pairs.append(scale_from_range(lo, hi, self.bits, self.symmetric and not self.unsigned))
+        scales, zps = zip(*pairs)
         self.scale.data.copy_(torch.stack(scales).reshape(self.scale.shape))
         self.zero_point.copy_(torch.stack(zps).reshape(self.zero_point.shape))
         self.initialized.fill_(True)
+        self.is_initialized = True
         self.observing = False
         # The pooled values and global extremes belong to this pass: a later observing pass must not reuse them.
         self._pool = [[] for _ in range(self.num_groups)]
         self._global = [[math.inf, -math.inf] for _ in range(self.num_groups)]
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # keeps is_initialized = the buffer
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.is_initialized = bool(self.initialized)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             self.observe(x)
             return x
-        if not bool(self.initialized):
+        if not self.is_initialized:
             return x
         scale, zero_point = self.scale.abs() + 1e-12, self.zero_point
         if self.timestep_aware:
