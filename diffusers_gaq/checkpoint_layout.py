@@ -19,6 +19,8 @@ class CheckpointError(ValueError):
 # config.json's "quantization_config" names this method, so that diffusers' own from_pretrained routes a
 # quantized folder to diffusers_registry.py (after `import diffusers_gaq`) or refuses it: never FP-looking weights.
 QUANT_METHOD = "diffusers_gaq"
+# How a saved pipeline's model_index.json names the library of its quantized component.
+COMPONENT_LIBRARY = "diffusers_gaq.modeling"
 
 
 def config_json_entry(base_class: str) -> dict:

@@ -57,11 +57,10 @@ with _quiet("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torc
     from diffusers.quantizers.base import DiffusersQuantizer
     from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
-from .checkpoint_layout import QUANT_METHOD, REPORT_JSON, REPORT_TENSORS, config_json_entry
+from .checkpoint_layout import COMPONENT_LIBRARY, QUANT_METHOD, REPORT_JSON, REPORT_TENSORS, config_json_entry
 from .config import CONFIG_NAME
 from .load_options import QUANTIZE_ON_LOAD_REFUSAL, check_torch_dtype
 
-COMPONENT_LIBRARY = "diffusers_gaq.modeling"  # the module that defines the Quantized* classes
 logger = logging.getLogger(__name__)
 
 class _Method(str):

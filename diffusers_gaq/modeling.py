@@ -14,7 +14,6 @@ checking it against the base classes it finds here (``ModelMixin``, imported bel
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -30,20 +29,19 @@ from diffusers import (  # noqa: F401
     UNet2DConditionModel,
     UNet2DModel,
 )
-from huggingface_hub import snapshot_download
 from torch import nn
 
 from . import checkpoint_checks as checks
 from . import class_conditional_pipeline, lora
 from .config import CONFIG_NAME, GradientAlignedQuantizer
-from .load_options import cast_output, check_torch_dtype, input_dtype, log_float32_compute, refuse_loading_options, to_float32
+from .load_options import check_torch_dtype, refuse_loading_options
+from .quantized_forward import log_float32_compute, quantized_forward
 from .files import atomic_directory, atomic_write_text
 from .folders import check_new_or_empty, check_replaceable
 from .hub import CARD_NAME, REPO_ID_PLACEHOLDER, check_repo_id, public_base_model, push_quantized, write_model_card
-from .hub.repo import fetch_beside
-from .checkpoint_layout import REPORT_JSON, REPORT_TENSORS
+from .checkpoint_source import quantized_components, resolve_checkpoint
 from .models import family_for
-from .models.timestep_groups import TimestepGroups, install_timestep_groups, set_timestep_groups
+from .models.timestep_groups import TimestepGroups, install_timestep_groups
 from .models.wrap import WrapReport, set_quant_state, wrap_model
 from .quant.quantizers import has_timestep_aware
 from .runtime import RuntimeReport, check_runtime, is_integer_runtime, to_integer_runtime
@@ -111,26 +109,19 @@ class QuantizedModelMixin:
     gaq_evaluation = _state_field("evaluation", "fidelity numbers for the model card, when an evaluation ran")
     gaq_base_model = _state_field("base_model", "where the FP model came from, as may be published")
 
-    def forward(self, *args, **kwargs):
-        dtype = input_dtype(args, kwargs)
-        if dtype == torch.float32:
-            return super().forward(*args, **kwargs)
-        return cast_output(super().forward(*to_float32(args), **to_float32(kwargs)), dtype)
-
     def to(self, *args, **kwargs):
-        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
         if dtype is not None and dtype != torch.float32:
             log_float32_compute(self, dtype)
         # nn.Module.to, not diffusers' ModelMixin.to, which refuses any dtype for a quantized model.
-        return nn.Module.to(self, device=device, non_blocking=non_blocking) if device is not None else self
+        moves = {k: v for k, v in dict(device=device, memory_format=memory_format).items() if v is not None}
+        return nn.Module.to(self, non_blocking=non_blocking, **moves) if moves else self
 
     def half(self):
-        log_float32_compute(self, torch.float16)
-        return self
+        return self.to(torch.float16)
 
     def bfloat16(self):
-        log_float32_compute(self, torch.bfloat16)
-        return self
+        return self.to(torch.bfloat16)
 
     def float(self):
         return self
@@ -181,42 +172,28 @@ class QuantizedModelMixin:
         lora.refuse_fuse()
 
 
-def _forward_setting_groups(base_forward):
-    """``base_forward`` preceded by the timestep-group lookup of timestep-aware quantizers. In the forward
-    rather than in a pre-hook, so that torch.compile(model) captures one graph; wraps keeps the base's
-    signature, which diffusers inspects."""
-    @functools.wraps(base_forward)
-    def forward(self, *args, **kwargs):
-        set_timestep_groups(self, args, kwargs)
-        return base_forward(self, *args, **kwargs)
-    return forward
-
-
 class QuantizedUNet2DModel(QuantizedModelMixin, UNet2DModel):
     diffusers_base_class = UNet2DModel
-    forward = _forward_setting_groups(UNet2DModel.forward)
+    forward = quantized_forward(UNet2DModel.forward)
 
 
 class QuantizedUNet2DConditionModel(QuantizedModelMixin, UNet2DConditionModel):
     diffusers_base_class = UNet2DConditionModel
-    forward = _forward_setting_groups(UNet2DConditionModel.forward)
+    forward = quantized_forward(UNet2DConditionModel.forward)
 
 
 class QuantizedDiTTransformer2DModel(QuantizedModelMixin, DiTTransformer2DModel):
     diffusers_base_class = DiTTransformer2DModel
-    forward = _forward_setting_groups(DiTTransformer2DModel.forward)
+    forward = quantized_forward(DiTTransformer2DModel.forward)
 
 
 class QuantizedTransformer2DModel(QuantizedModelMixin, Transformer2DModel):
     diffusers_base_class = Transformer2DModel
-    forward = _forward_setting_groups(Transformer2DModel.forward)
+    forward = quantized_forward(Transformer2DModel.forward)
 
 
 QUANTIZED_CLASSES = {cls.diffusers_base_class: cls for cls in (
     QuantizedUNet2DModel, QuantizedUNet2DConditionModel, QuantizedDiTTransformer2DModel, QuantizedTransformer2DModel)}
-
-
-QUANTIZED_CLASS_NAMES = {cls.__name__ for cls in QUANTIZED_CLASSES.values()}
 
 
 def quantized_class(base: type) -> type:
@@ -292,62 +269,6 @@ def save_quantized_pipeline(pipe, save_directory: str | os.PathLike, *, overwrit
 
 
 # ---- load ----------------------------------------------------------------------------------------
-_CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "*.md", "*.png")
-
-
-def _quantized_components(index: dict) -> list[str]:
-    return [name for name, entry in index.items()
-            if isinstance(entry, list) and len(entry) == 2 and entry[1] in QUANTIZED_CLASS_NAMES]
-
-
-def _pick_component(index: dict, where: str) -> str:
-    """The quantized component of a saved pipeline: loading a pipeline folder or repo as a model
-    loads its one quantized denoiser, as the model card's snippet does."""
-    names = _quantized_components(index)
-    if len(names) != 1:
-        raise CheckpointError(f"{where} is a pipeline with {len(names)} quantized components ({', '.join(names) or 'none'}); "
-                              "pass subfolder='<component>' to load one, or load the whole pipeline with "
-                              "DiffusionPipeline.from_pretrained after `import diffusers_gaq`")
-    logger.info("%s is a saved pipeline: loading its quantized %s", where, names[0])
-    return names[0]
-
-
-def _hub_component(repo_id: str, hub_kwargs: dict) -> str | None:
-    """The quantized component of a pipeline repo (from its model_index.json), None for a model repo."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        index = hf_hub_download(repo_id, "model_index.json", **hub_kwargs)
-    except EntryNotFoundError:
-        return None
-    return _pick_component(read_json(Path(index)), repo_id)
-
-
-def resolve_checkpoint(path_or_repo: str | os.PathLike, subfolder: str | None = None, **hub_kwargs) -> Path:
-    """The folder of a quantized model: a local folder as is, a Hub repo id downloaded with huggingface_hub
-    (only the model's files). ``subfolder`` names a pipeline's component; a pipeline given without
-    it resolves to its one quantized component."""
-    path = Path(path_or_repo)
-    if path.is_dir():
-        folder = path / subfolder if subfolder else path
-        if subfolder is None and not (folder / CONFIG_NAME).is_file() and (folder / "model_index.json").is_file():
-            folder = folder / _pick_component(read_json(folder / "model_index.json"), str(folder))
-        if not (folder / CONFIG_NAME).is_file():
-            # A Hub snapshot diffusers downloaded (config.json and weights only): the rest, same commit.
-            fetch_beside(folder, [CONFIG_NAME], [REPORT_JSON, REPORT_TENSORS])
-        return folder
-    if path.exists():
-        raise CheckpointError(f"{path} is a file; pass the checkpoint folder")
-    repo_id = check_repo_id(str(path_or_repo))
-    hub_kwargs.pop("allow_patterns", None)
-    if subfolder is None:
-        subfolder = _hub_component(repo_id, hub_kwargs)
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    root = Path(snapshot_download(repo_id, allow_patterns=[prefix + p for p in _CHECKPOINT_PATTERNS], **hub_kwargs))
-    return root / subfolder if subfolder else root
-
-
 def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device | None = None,
                    runtime: str = "auto", subfolder: str | None = None, **hub_kwargs):
     """Rebuild a saved quantized model. ``runtime="simulated"`` gives the fake-quant model, computing
@@ -433,7 +354,7 @@ def load_quantized_pipeline(path_or_repo: str | os.PathLike, *, runtime: str = "
         # diffusers resolves `_class_name` in its own namespace only.
         pipeline_class = getattr(class_conditional_pipeline, entries.get("_class_name", ""), DiffusionPipeline)
         if runtime != "auto":  # diffusers' loader calls from_pretrained without it: load the denoiser here
-            for name in _quantized_components(entries):
+            for name in quantized_components(entries):
                 if name not in kwargs:
                     kwargs[name] = load_quantized(folder / name, device=kwargs.get("device"), runtime=runtime)
     return pipeline_class.from_pretrained(str(folder), **kwargs)

@@ -9,6 +9,7 @@ stands in for huggingface.co. A pipeline folder saved by ``qpipe.save_pretrained
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,14 +25,24 @@ MODEL_REPO = "me/unet-w4a8"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(code: str, endpoint: str, tmp_path: Path) -> str:
-    env = dict(os.environ, HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "fresh_home"), HF_HUB_OFFLINE="0",
-               HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1", HF_TOKEN="hf_test_token", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT))
+def _env(endpoint: str, home: Path) -> dict:
+    env = dict(os.environ, HF_ENDPOINT=endpoint, HF_HOME=str(home), HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1",
+               HF_HUB_DISABLE_TELEMETRY="1", HF_TOKEN="hf_test_token", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.pop("HF_HUB_CACHE", None)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd="/")
-    assert r.returncode == 0, r.stderr[-4000:]
-    return r.stdout
+    return env
+
+
+def _run_all(codes: dict[str, str], endpoint: str, tmp_path: Path) -> dict[str, str]:
+    """Each code in a fresh process with a fresh cache (run side by side); name -> stdout."""
+    procs = {name: subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=_env(endpoint, tmp_path / f"home{i}"), cwd="/")
+             for i, (name, code) in enumerate(codes.items())}
+    outputs = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{name}:\n{err[-4000:]}"
+        outputs[name] = out
+    return outputs
 
 
 @pytest.fixture
@@ -65,12 +76,13 @@ LOADS = {
 }
 
 
-@pytest.mark.parametrize("call", list(LOADS))
-def test_pushed_artefacts_load_by_repo_id(call, pushed, tmp_path):
+def test_pushed_artefacts_load_by_repo_id(pushed, tmp_path):
     endpoint, folder = pushed
-    runtime = "dequantize" if "dequantiz" in call else "auto"
-    # Against the pushed folder loaded locally in the same process (same threads, same kernels).
-    code = LOADS[call] + f"""
+    codes = {}
+    for call, load in LOADS.items():
+        runtime = "dequantize" if "dequantiz" in call else "auto"
+        # Against the pushed folder loaded locally in the same process (same threads, same kernels).
+        codes[call] = load + f"""
 import torch
 from diffusers_gaq.modeling import load_quantized
 local = load_quantized({str(folder / 'unet')!r}, runtime={runtime!r})
@@ -79,9 +91,9 @@ with torch.no_grad():
     diff = (unet(io["x"], io["t"]).sample - local(io["x"], io["t"]).sample).abs().max()
 print(type(unet).__name__, float(diff))
 """
-    name, diff = _run(code, endpoint, tmp_path).split()[-2:]
-    assert name == "QuantizedUNet2DModel"
-    assert float(diff) == 0.0
+    for call, out in _run_all(codes, endpoint, tmp_path).items():
+        name, diff = out.split()[-2:]
+        assert (name, float(diff)) == ("QuantizedUNet2DModel", 0.0), call
 
 
 def test_the_cards_snippets_run_against_the_pushed_repo(pushed, tmp_path):
@@ -89,11 +101,12 @@ def test_the_cards_snippets_run_against_the_pushed_repo(pushed, tmp_path):
     card = ModelCard.load(folder / "README.md").text
     assert PIPELINE_REPO in card and "path/to/saved-pipeline" not in card
     assert "diffusers_gaq.models.quantized" not in card
-    import re
-
-    for block in re.findall(r"```python\n(.*?)```", card, flags=re.S):
+    snippets = {}
+    for i, block in enumerate(re.findall(r"```python\n(.*?)```", card, flags=re.S)):
         loading = "\n".join(line for line in block.splitlines() if not line.startswith("images = "))
         if "from_pretrained(" not in loading or "DDIMScheduler.from_pretrained" in loading:
             continue  # the DDIM snippet needs the base model's scheduler repo, served in test_hub.py
-        out = _run(loading + "\nprint('ran')", endpoint, tmp_path)
-        assert out.strip().endswith("ran")
+        snippets[f"snippet {i}"] = loading + "\nprint('ran')"
+    assert snippets
+    for name, out in _run_all(snippets, endpoint, tmp_path).items():
+        assert out.strip().endswith("ran"), name
