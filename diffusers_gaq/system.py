@@ -70,7 +70,19 @@ def release_freed_memory() -> None:
         pass
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """The CLI's logging: INFO (DEBUG with ``verbose``); ``quiet``: warnings only, and no progress bars
+    from diffusers, transformers or huggingface_hub either."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if quiet:
+        from diffusers.utils import logging as diffusers_logging
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        diffusers_logging.set_verbosity_warning()
+        transformers_logging.disable_progress_bar()
+        disable_progress_bars()

@@ -154,7 +154,9 @@ def test_cli_killed_with_sigkill_resumes_to_identical_weights(tmp_path):
     assert 1 <= state["next_unit"] < state["num_units"], state["next_unit"]
     logger.info("killed after %d of %d units", state["next_unit"], state["num_units"])
 
-    resumed = subprocess.run(cmd + ["--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # Without --quiet, which keeps the log to warnings: the resume says how far the killed run got.
+    resume = [arg for arg in cmd if arg != "--quiet"] + ["--resume"]
+    resumed = subprocess.run(resume, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{state['next_unit']} of {state['num_units']} units done" in resumed.stderr
     assert (out / weights).read_bytes() == (tmp_path / "D0" / weights).read_bytes()

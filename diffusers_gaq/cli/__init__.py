@@ -13,7 +13,7 @@ from .parser import build_parser
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, quiet=getattr(args, "quiet", False))
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -139,6 +139,36 @@ def _check_model_id(model: str) -> None:
     except ValueError as e:
         raise CLIError(f"{model!r} is neither 'reference' nor an existing folder, and not a Hub id either: {e}"
                        ) from None
+    # "out/w4a8x" is a well-formed Hub id, but when out/ is a local folder it is a mistyped path.
+    parent = Path(model).parent
+    if str(parent) not in ("", ".") and parent.is_dir():
+        near = sorted(p.name for p in parent.iterdir() if p.is_dir())[:8]
+        raise CLIError(f"no folder {model} ({parent}/ holds: {', '.join(near) or 'no folders'}); for the Hub repo "
+                       f"of that name, run from a directory without a local {parent}/ folder")
+
+
+def check_not_quantized(model: str) -> None:
+    """The input of `quantize` must be an FP pipeline, not one diffusers-gaq saved."""
+    from ..checkpoint_source import quantized_components
+    from ..serialization import read_json
+
+    index = Path(model) / "model_index.json"
+    if model != REFERENCE and index.is_file() and quantized_components(read_json(index)):
+        raise CLIError(f"{model} is a quantized pipeline already (saved by diffusers-gaq); quantize the FP pipeline "
+                       "it came from (`diffusers-gaq info` names its base model)")
+
+
+def check_quantized(folder: Path) -> None:
+    """The input of `evaluate` must be a pipeline diffusers-gaq saved."""
+    from ..checkpoint_source import quantized_components
+    from ..serialization import read_json
+
+    index = folder / "model_index.json"
+    if not folder.is_dir():
+        raise CLIError(f"no folder {folder}")
+    if not index.is_file() or not quantized_components(read_json(index)):
+        raise CLIError(f"{folder} is not a quantized pipeline (no model_index.json naming a diffusers-gaq component); "
+                       "quantize it first: diffusers-gaq quantize MODEL --output FOLDER, then evaluate FOLDER")
 
 
 def _check_checkpoint_dir(checkpoint_dir: Path | None, out: Path, resume: bool) -> None:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from . import common
-from .common import REFERENCE, CLIError, _base_id, _check_model_id, _denoiser
+from .common import REFERENCE, CLIError, _base_id, _check_model_id, _denoiser, check_quantized
 
 logger = logging.getLogger("diffusers_gaq")
 
@@ -20,6 +20,8 @@ def cmd_evaluate(args) -> int:
     from ..serialization import WEIGHTS_NAME
 
     directories = [Path(d) for d in args.directory]
+    for directory in directories:
+        check_quantized(directory)
     if len(directories) > 1 and not args.report:
         raise CLIError(f"{len(directories)} folders give one comparison: pass --report FOLDER for its table and grid")
     if args.baseline:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+from .._version import __version__
 from ..config import BUDGETS
 from ..runtime.convert import RUNTIMES
 from .demo import cmd_demo, cmd_sensitivity
@@ -27,7 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusers-gaq", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # --verbose after the command too; SUPPRESS keeps the top-level value when it is not given there.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common], **k)  # every command gets --verbose
 
     q = sub.add_parser("quantize", help="calibrate and save a quantized pipeline")
     q.add_argument("model", help="'reference' (embedded Fashion-MNIST DDPM), a local pipeline folder, or a Hub id")

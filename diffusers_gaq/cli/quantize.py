@@ -14,6 +14,7 @@ from .common import (
     _check_replaceable,
     _check_space_for_model,
     build_config,
+    check_not_quantized,
 )
 
 
@@ -30,6 +31,7 @@ def cmd_quantize(args) -> int:
     out = Path(args.output)
     _check_output(out, args.overwrite)
     _check_model_id(args.model)
+    check_not_quantized(args.model)
     _check_replaceable(out, args.model)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     _check_checkpoint_dir(checkpoint_dir, out, args.resume)
