@@ -1,7 +1,9 @@
-"""diffusers' loading options on a saved quantized model: what applies, and the refusals by name
-(before anything is read) of what cannot. Half precision is accepted: see quantized_forward.py."""
+"""diffusers' loading and saving options on a quantized model: what applies, and the refusals by name
+(before anything is read or written) of what cannot. Half precision is accepted: see quantized_forward.py."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -29,3 +31,27 @@ def refuse_loading_options(kwargs: dict) -> None:
         if kwargs.get(name) is not None:
             raise ValueError(f"{name}={kwargs[name]!r} cannot apply to a diffusers-gaq checkpoint (one float32 model "
                              "of integer weights, saved once); load it without it and move it with .to(device)")
+
+
+_PUSH_OPTIONS = {"token", "private", "commit_message", "create_pr"}
+
+
+def check_save_options(variant, kwargs: dict) -> None:
+    """``save_pretrained`` options: ``variant`` cannot apply (a quantized model is saved once, in its
+    format); the Hub options go to the push; anything else is a typo."""
+    if variant is not None:
+        raise ValueError(f"variant={variant!r} cannot apply to a quantized model: it is saved once, in the quantized "
+                         "format (the other components of a pipeline as they are)")
+    unknown = sorted(set(kwargs) - _PUSH_OPTIONS - {"safe_serialization", "max_shard_size"})
+    if unknown:
+        raise TypeError(f"save_pretrained() got unexpected options {unknown}")
+
+
+def push_saved(folder: Path, repo_id: str | None, kwargs: dict):
+    """``save_pretrained(..., push_to_hub=True)``: upload exactly the folder just saved, to ``repo_id``
+    (default: the folder's name, as diffusers does)."""
+    from .hub import push_folder
+
+    options = {k: v for k, v in kwargs.items() if k in _PUSH_OPTIONS}
+    options["create_pr"] = bool(options.get("create_pr", False))
+    return push_folder(folder, repo_id or Path(folder).name, **options)

@@ -34,7 +34,7 @@ from torch import nn
 from . import checkpoint_checks as checks
 from . import class_conditional_pipeline, lora
 from .config import CONFIG_NAME, GradientAlignedQuantizer
-from .load_options import check_torch_dtype, refuse_loading_options
+from .load_options import check_save_options, check_torch_dtype, push_saved, refuse_loading_options
 from .quantized_forward import log_float32_compute, quantized_forward
 from .files import atomic_directory, atomic_write_text
 from .folders import check_new_or_empty, check_replaceable
@@ -126,8 +126,14 @@ class QuantizedModelMixin:
     def float(self):
         return self
 
-    def save_pretrained(self, save_directory, *, overwrite: bool = False, **kwargs):
-        return save_quantized(self, save_directory, overwrite=overwrite, **kwargs)
+    def save_pretrained(self, save_directory, *, overwrite: bool = False, push_to_hub: bool = False,
+                        repo_id: str | None = None, variant: str | None = None, **kwargs):
+        model_card = kwargs.pop("model_card", True)
+        check_save_options(variant, kwargs)
+        target = save_quantized(self, save_directory, overwrite=overwrite, model_card=model_card)
+        if push_to_hub:
+            push_saved(target, repo_id, kwargs)
+        return target
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, runtime: str = "auto", subfolder: str | None = None,

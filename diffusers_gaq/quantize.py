@@ -16,6 +16,7 @@ from .checkpointing import open_checkpoint
 from .config import GradientAlignedQuantizer
 from .distributed import detect, unit_sync_check
 from .hub import public_base_model
+from .load_options import check_save_options, push_saved
 from .modeling import QuantizationState, mark_quantized, save_quantized_pipeline
 from .models import denoiser_of, rebuild_pipeline
 from .models import supported_pipelines as _supported_pipelines
@@ -136,19 +137,10 @@ def bind_pipeline_save(pipe):
     card at the top too, ``push_to_hub=True`` uploading exactly the saved folder. Returns ``pipe``."""
     def save_pretrained(save_directory, *, push_to_hub: bool = False, repo_id: str | None = None,
                         variant: str | None = None, overwrite: bool = True, **kwargs):
-        if variant is not None:
-            raise ValueError(f"variant={variant!r} cannot apply to a quantized pipeline: its denoiser is saved once, "
-                             "in the quantized format; the other components as they are")
-        unknown = sorted(set(kwargs) - {"safe_serialization", "token", "private", "commit_message", "create_pr"})
-        if unknown:
-            raise TypeError(f"save_pretrained() got unexpected options {unknown}")
+        check_save_options(variant, kwargs)
         target = save_quantized_pipeline(pipe, save_directory, overwrite=overwrite)
         if push_to_hub:
-            from .hub import push_folder
-
-            push_folder(target, repo_id or Path(save_directory).name, token=kwargs.get("token"),
-                        private=kwargs.get("private"), commit_message=kwargs.get("commit_message"),
-                        create_pr=bool(kwargs.get("create_pr", False)))
+            push_saved(target, repo_id, kwargs)
         return target
 
     pipe.save_pretrained = save_pretrained

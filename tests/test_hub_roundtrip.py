@@ -110,3 +110,18 @@ def test_the_cards_snippets_run_against_the_pushed_repo(pushed, tmp_path):
     assert snippets
     for name, out in _run_all(snippets, endpoint, tmp_path).items():
         assert out.strip().endswith("ran"), name
+
+
+def test_save_pretrained_with_push_to_hub_uploads_the_saved_folder(tiny_qpipe, local_hub, hub_env, tmp_path):
+    saved = tiny_qpipe.save_pretrained(tmp_path / "pipeline", push_to_hub=True, repo_id="me/pushed-pipeline")
+    model = tiny_qpipe.unet.save_pretrained(tmp_path / "model", push_to_hub=True, repo_id="me/pushed-model")
+    for folder, repo_id in ((saved, "me/pushed-pipeline"), (model, "me/pushed-model")):
+        local = sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file())
+        uploaded = sorted(name for name in local_hub.repo(repo_id).files() if name != ".gitattributes")
+        assert uploaded == local, (uploaded, local)
+    assert (Path(saved) / "README.md").is_file()  # the Python API writes the top-level card too
+    with pytest.raises(ValueError, match="variant='fp16' cannot apply"):
+        tiny_qpipe.save_pretrained(tmp_path / "other", variant="fp16")
+    with pytest.raises(ValueError, match="variant='fp16' cannot apply"):
+        tiny_qpipe.unet.save_pretrained(tmp_path / "other", variant="fp16")
+    assert not (tmp_path / "other").exists()

@@ -157,6 +157,15 @@ def _plots_for(report) -> dict[str, bool]:
 
 
 
+# How activation ranges are initialised, as the card's prose says it (config.act_range_init).
+_ACT_RANGE_PROSE = {
+    "ema": "an exponential moving average (in timestep order) of the minima and maxima",
+    "ema_shuffled": "an exponential moving average (over shuffled batches) of the minima and maxima",
+    "minmax": "the minima and maxima", "percentile": "the 0.01 / 99.99 percentiles",
+    "mse": "the clipping range with the least squared quantization error",
+}
+
+
 def _intro(config, base_model: str | None, act_bits_text: str) -> str:
     base = f"[`{base_model}`](https://huggingface.co/{base_model})" if is_hub_id(base_model) else (
         f"`{base_model}`" if base_model else "a diffusers UNet")
@@ -210,6 +219,8 @@ def build_model_card(model, base_model: str | None = None, license: str | None =
         gradient_aligned=gradient_aligned,
         reconstruction=config.method == "reconstruction",
         act_bits=config.act_bits,
+        act_range_prose=_ACT_RANGE_PROSE[config.act_range_init],
+        learn_act_scale=config.learn_act_scale,
         granularity=config.weight_granularity.replace("_", "-"),
         arxiv=PAPER_ARXIV,
         bits_rows=_bits_rows(model),
