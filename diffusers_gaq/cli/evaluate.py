@@ -15,6 +15,7 @@ def cmd_evaluate(args) -> int:
     """Every quantized folder against one FP pipeline, from the same noise: one table, one grid."""
     from ..evaluation.report import compare_pipelines
     from ..evaluation.sampling import SamplingPlan
+    from ..files import check_writable_location
     from ..folders import quantized_model_dir
     from ..modeling import load_quantized_pipeline
     from ..serialization import WEIGHTS_NAME
@@ -26,6 +27,10 @@ def cmd_evaluate(args) -> int:
         raise CLIError(f"{len(directories)} folders give one comparison: pass --report FOLDER for its table and grid")
     if args.baseline:
         _check_model_id(args.baseline)
+    report_dir = Path(args.report or directories[0] / "evaluation")
+    if report_dir.exists() and not report_dir.is_dir():
+        raise CLIError(f"--report {report_dir} is a file; name a folder for the report (new, or one to update)")
+    check_writable_location(report_dir)
     quantized, sizes, calibration, bases = {}, {}, {}, {}
     for directory in directories:
         name = directory.name if [d.name for d in directories].count(directory.name) == 1 else str(directory)
@@ -46,7 +51,6 @@ def cmd_evaluate(args) -> int:
                         guidance_scale=args.guidance_scale)
     result = compare_pipelines(common.load_pipeline(base_id), quantized, plan, baseline=base_id, fid=base_id == REFERENCE,
                                weights_mib=sizes, calibration_seconds=calibration, progress=not args.quiet)
-    report_dir = Path(args.report or directories[0] / "evaluation")
     result.write(report_dir)
     print(result.to_markdown(), end="")
     if args.update_card:
@@ -63,6 +67,7 @@ def _update_card(qpipe, directory: Path) -> None:
     """Rewrite the model card (and its plots) in place, file by file and atomically: saving the
     whole pipeline again would replace the folder, and with it the report just written into it."""
     from ..files import atomic_write_bytes
+    from ..files import check_writable_location
     from ..folders import quantized_model_dir
     from ..hub import write_model_card
 

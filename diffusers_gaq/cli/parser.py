@@ -23,6 +23,17 @@ from .info import cmd_info, cmd_push
 from .quantize import cmd_quantize
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts (images, steps, layers): a whole number >= 1, refused before any work."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..demo import QUICK_NUM_IMAGES, QUICK_STEPS
     parser = argparse.ArgumentParser(prog="diffusers-gaq", description=__doc__,
@@ -92,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "pipeline: PSNR, SSIM, FID-ref for the reference, seconds per image, size)")
     e.add_argument("directory", nargs="+", help="one or more quantized pipeline folders of the same base model")
     e.add_argument("--baseline", help="FP pipeline: 'reference', a folder or a Hub id (default: the base model)")
-    e.add_argument("--num-images", type=int, default=256)
-    e.add_argument("--num-inference-steps", type=int, default=50)
+    e.add_argument("--num-images", type=positive_int, default=256)
+    e.add_argument("--num-inference-steps", type=positive_int, default=50)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--class-labels", type=int, nargs="+", metavar="LABEL",
                    help="class-conditional and DiT pipelines: labels to sample, cycled (default: spread over every class)")
@@ -140,9 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--weighting", choices=["gradient_aligned", "uniform"], default="gradient_aligned",
                    help="sample weights (default gradient_aligned: the demo shows the paper's learned weights; "
                         "the library's default is uniform, docs/benchmarks.md 'Verdict (issue 13)')")
-    d.add_argument("--num-images", type=int, default=QUICK_NUM_IMAGES,
+    d.add_argument("--num-images", type=positive_int, default=QUICK_NUM_IMAGES,
                    help=f"FP and quantized images each (default {QUICK_NUM_IMAGES})")
-    d.add_argument("--num-inference-steps", type=int, default=QUICK_STEPS,
+    d.add_argument("--num-inference-steps", type=positive_int, default=QUICK_STEPS,
                    help=f"DDIM steps per image (default {QUICK_STEPS})")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
@@ -152,10 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, help="folder for sensitivity.json, sensitivity.md, sensitivity.png")
     s.add_argument("--weight-bits", type=int, default=4, help="2-8 (default 4)")
     s.add_argument("--act-bits", type=int, default=8, help="4-16, or 0 for weight rows only (default 8)")
-    s.add_argument("--num-images", type=int, default=16, help="DDIM images per row (default 16)")
-    s.add_argument("--steps", type=int, default=10, help="DDIM steps of the images and calibration (default 10)")
+    s.add_argument("--num-images", type=positive_int, default=16, help="DDIM images per row (default 16)")
+    s.add_argument("--steps", type=positive_int, default=10, help="DDIM steps of the images and calibration (default 10)")
     s.add_argument("--no-images", action="store_true", help="noise-prediction error only (much faster)")
-    s.add_argument("--top", type=int, default=20, help="layers in the printed table and the plot (default 20)")
+    s.add_argument("--top", type=positive_int, default=20, help="layers in the printed table and the plot (default 20)")
     s.add_argument("--budget", choices=["tiny", "demo"], default="tiny", help="calibration data budget")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")

@@ -46,6 +46,13 @@ class SamplingPlan:
     prompts: list[str] = field(default_factory=list)
     guidance_scale: float | None = None
 
+    def __post_init__(self):
+        # A count below one would give no images, or PSNR 100 dB from images never denoised.
+        for name in ("num_images", "num_inference_steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+
     def describe(self, kind: str) -> str:
         text = (f"{self.num_images} images, DDIM eta=0, {self.num_inference_steps} steps, same initial noise "
                 f"(seed {self.seed})")

@@ -1,0 +1,97 @@
+"""Counts, report paths and input folders of the commands that produce numbers: each is refused before any
+model is loaded or sampled, so that no command reports fidelity numbers of images that were never made
+(a negative step count once gave PSNR 100 dB, written into the model card)."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+
+from diffusers_gaq import cli
+from diffusers_gaq import modeling
+from diffusers_gaq.evaluation.sampling import SamplingPlan
+
+
+@pytest.fixture
+def nothing_loads():
+    """Fails the test if any command loads a pipeline or a quantized pipeline."""
+    boom = mock.Mock(side_effect=AssertionError("a model was loaded before the input was refused"))
+    with mock.patch.object(cli.common, "load_pipeline", boom), mock.patch.object(modeling, "load_quantized_pipeline", boom):
+        yield
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse refuses with exit code 2
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [("--num-inference-steps", "-1"), ("--num-inference-steps", "0"),
+                                        ("--num-images", "0"), ("--num-images", "two")])
+@pytest.mark.parametrize("command", ["evaluate", "demo"])
+def test_counts_below_one_are_refused_first(command, flag, value, tmp_path, capsys, nothing_loads):
+    argv = [command, str(tmp_path)] if command == "evaluate" else [command, "--output", str(tmp_path / "demo")]
+    code, err = _run(argv + [flag, value, "--quiet"], capsys)
+    assert code == 2 and flag in err and ("at least 1" in err or "whole number" in err), err
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("flag", ["--num-images", "--steps", "--top"])
+def test_sensitivity_counts_are_refused_first(flag, tmp_path, capsys, nothing_loads):
+    code, err = _run(["sensitivity", "reference", "--output", str(tmp_path / "s"), flag, "0"], capsys)
+    assert code == 2 and flag in err
+
+
+def test_sampling_plan_refuses_counts_below_one():
+    for field in ("num_images", "num_inference_steps", "batch_size"):
+        with pytest.raises(ValueError, match=f"{field} must be a whole number >= 1"):
+            SamplingPlan(**{field: 0})
+
+
+def test_evaluate_refuses_a_folder_that_is_not_quantized(tmp_path, capsys, nothing_loads):
+    fp = tmp_path / "fp"
+    fp.mkdir()
+    (fp / "model_index.json").write_text('{"_class_name": "DDIMPipeline", "unet": ["diffusers", "UNet2DModel"]}')
+    (fp / "diffusion_pytorch_model.safetensors").write_bytes(b"")  # a weights file at the top misleads no one
+    code, err = _run(["evaluate", str(fp)], capsys)
+    assert code == 1 and "is not a quantized pipeline" in err and "diffusers-gaq quantize" in err
+    code, err = _run(["evaluate", str(tmp_path / "missing")], capsys)
+    assert code == 1 and "no folder" in err
+
+
+def test_evaluate_refuses_a_report_path_that_is_a_file(tmp_path, capsys, nothing_loads):
+    saved = tmp_path / "q"
+    saved.mkdir()
+    (saved / "model_index.json").write_text(
+        '{"_class_name": "DDIMPipeline", "unet": ["diffusers_gaq.modeling", "QuantizedUNet2DModel"]}')
+    report = tmp_path / "report.md"
+    report.write_text("mine")
+    code, err = _run(["evaluate", str(saved), "--report", str(report)], capsys)
+    assert code == 1 and "is a file" in err and report.read_text() == "mine"
+
+
+def test_quantize_refuses_a_quantized_pipeline(tmp_path, capsys, nothing_loads):
+    saved = tmp_path / "q"
+    saved.mkdir()
+    (saved / "model_index.json").write_text(
+        '{"_class_name": "DDIMPipeline", "unet": ["diffusers_gaq.modeling", "QuantizedUNet2DModel"]}')
+    code, err = _run(["quantize", str(saved), "--output", str(tmp_path / "out"), "--budget", "tiny"], capsys)
+    assert code == 1 and "quantized pipeline already" in err
+
+
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, capsys, nothing_loads, monkeypatch):
+    (tmp_path / "out" / "w4a8").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    code, err = _run(["quantize", "out/w4a9", "--output", str(tmp_path / "o"), "--budget", "tiny"], capsys)
+    assert code == 1 and "no folder out/w4a9" in err and "w4a8" in err
+
+
+def test_verbose_and_version_anywhere(capsys):
+    assert _run(["--version"], capsys)[0] == 0
+    parsed = cli.build_parser().parse_args(["info", "x", "--verbose"])
+    assert parsed.verbose is True
+    assert cli.build_parser().parse_args(["--verbose", "info", "x"]).verbose is True
+    assert cli.build_parser().parse_args(["info", "x"]).verbose is False
