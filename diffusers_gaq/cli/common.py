@@ -175,12 +175,14 @@ def _check_checkpoint_dir(checkpoint_dir: Path | None, out: Path, resume: bool, 
     """The checkpoint folder must stay apart from the output (replaced as a whole when the result is
     saved) and from the input model (the docs say to delete the checkpoint folder after the save)."""
     from ..checkpointing import check_checkpoint_dir
+    from ..distributed import is_main_process
 
     if checkpoint_dir is not None:
         _check_apart(checkpoint_dir, out, f"--output {out}")
         if model is not None and model != REFERENCE and Path(model).exists():
             _check_apart(checkpoint_dir, Path(model), f"the input model folder {model}")
-    check_checkpoint_dir(checkpoint_dir, resume)
+    # Only the main process of a multi-process run takes the lock: the others would see it as busy.
+    check_checkpoint_dir(checkpoint_dir, resume, check_lock=is_main_process())
 
 
 def _check_apart(checkpoint_dir: Path, other: Path, what: str) -> None:
