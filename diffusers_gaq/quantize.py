@@ -12,6 +12,7 @@ import torch
 
 from .calibration.calibrate import calibrate_model
 from .calibration.data import CalibrationData, collect_calibration_data
+from .calibration.store import remove_stale_captures
 from .checkpointing import open_checkpoint
 from .config import GradientAlignedQuantizer
 from .distributed import detect, unit_sync_check
@@ -95,6 +96,7 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
     # A foreign, corrupt or unwanted checkpoint is refused here, before any work.
     checkpoint, resumed = open_checkpoint(checkpoint_dir, resume, family, fp_model, pipe.scheduler.config, config,
                                           calibration_data, dist)
+    remove_stale_captures()  # disk-backed captures of runs killed before they could delete them
 
     try:  # the checkpoint folder's lock is given back however the run ends (errors, Ctrl-C, SIGTERM)
         model = copy.deepcopy(fp_model).to(device).eval().requires_grad_(False)

@@ -365,3 +365,35 @@ def test_a_stale_lock_is_taken_over_and_every_run_releases_its_lock(tiny_pipe, t
     assert not (folder / LOCK_NAME).exists()  # released on the error
     quantize_pipeline(tiny_pipe, reliability_config(), progress=False, checkpoint_dir=folder, resume=True)
     assert not (folder / LOCK_NAME).exists()  # and at the end
+
+
+@pytest.mark.slow
+def test_cli_stopped_with_sigterm_leaves_no_temporaries(tmp_path):
+    """SIGTERM mid-calibration (captures on disk, a checkpoint held): the command unwinds like
+    Ctrl-C, exits 143, and leaves no capture folder in TMPDIR, no lock and no temporary file; the
+    checkpoint stays resumable."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TMPDIR=str(tmpdir))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"max_calibration_memory_gib": 1e-6}))  # every capture goes to disk
+    ckpt, out = tmp_path / "C", tmp_path / "D"
+    cmd = [sys.executable, "-m", "diffusers_gaq", "quantize", "reference", "--budget", "tiny", "--quiet",
+           "--config", str(config), "--output", str(out), "--checkpoint-dir", str(ckpt)]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((ckpt / STATE_NAME).exists() and any(tmpdir.glob("gaq-capture-*"))):
+            assert proc.poll() is None, "the run ended before it was stopped"
+            assert time.monotonic() < deadline, "no unit checkpoint and disk-backed capture after 300 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143, err
+    assert "terminated" in err
+    assert not list(tmpdir.iterdir())  # no gaq-capture-* folder
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted([DATA_NAME, STATE_NAME])  # no lock, no .tmp
+    assert not out.exists() and not list(tmp_path.glob(".D.*"))

@@ -17,6 +17,8 @@ import socket
 import time
 from pathlib import Path
 
+from ..files import pid_alive
+
 try:
     import fcntl
 except ImportError:  # Windows: the pid check alone
@@ -31,16 +33,6 @@ class CheckpointInUseError(RuntimeError):
     """Another live run holds the checkpoint folder."""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
 def _read_holder(path: Path) -> dict | None:
     try:
         holder = json.loads(path.read_text(encoding="utf-8"))
@@ -52,7 +44,7 @@ def _read_holder(path: Path) -> dict | None:
 def _alive_here(holder: dict) -> bool:
     """The holder runs on this host and its process is alive (and is not this process)."""
     return (holder.get("host") == socket.gethostname() and holder["pid"] != os.getpid()
-            and _pid_alive(holder["pid"]))
+            and pid_alive(holder["pid"]))
 
 
 def _busy(directory: Path, holder: dict | None) -> CheckpointInUseError:
