@@ -193,18 +193,15 @@ class GradientAlignedQuantizer:
     seed: int = 0
     device: str | None = None
 
+    def __setattr__(self, name, value):
+        # A pattern list given as one string is that one pattern, not its characters, also when set later.
+        if name in ("keep_fp", "timestep_aware_acts") and isinstance(value, (str, list)):
+            value = (value,) if isinstance(value, str) else tuple(value)
+        object.__setattr__(self, name, value)
+
     def __post_init__(self):
         if self.weighting is None:
             self.weighting = "uniform"
-        if isinstance(self.keep_fp, str):
-            self.keep_fp = (self.keep_fp,)
-        if not isinstance(self.keep_fp, (list, tuple)):
-            self._fail("keep_fp", "a list of module-name patterns (strings)")
-        self.keep_fp = tuple(self.keep_fp)
-        if isinstance(self.timestep_aware_acts, str):
-            self.timestep_aware_acts = (self.timestep_aware_acts,)
-        if isinstance(self.timestep_aware_acts, list):
-            self.timestep_aware_acts = tuple(self.timestep_aware_acts)
         if isinstance(self.layer_precision, Mapping):
             self.layer_precision = dict(self.layer_precision)
         self._normalise_family_fields()
@@ -241,7 +238,7 @@ class GradientAlignedQuantizer:
                      "quantize_attention", "carry_scores", "keep_rtn_if_no_gain"):
             if not isinstance(getattr(self, name), bool):
                 self._fail(name, "True or False")
-        if not all(isinstance(p, str) and p for p in self.keep_fp):
+        if not isinstance(self.keep_fp, tuple) or not all(isinstance(p, str) and p for p in self.keep_fp):
             self._fail("keep_fp", "a list of non-empty module-name patterns")
         self._validate_precision_fields()
         self._float("act_ema_momentum", 0.0, 1.0, hi_open=True)

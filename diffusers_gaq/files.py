@@ -4,10 +4,15 @@ location can be written at all (before any long work starts)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -37,15 +42,17 @@ def atomic_directory(target: str | os.PathLike):
 
     The previous folder survives until the new one is whole (it is renamed aside, then removed),
     so a crash leaves the old folder, the new one, or a ``.NAME.old`` to recover; never a half folder.
-    A killed process may also leave the hidden ``.NAME.tmp-*`` folder it was building; any other
-    failure removes it (and puts a renamed-aside folder back)."""
+    A killed process may also leave the hidden ``.NAME.tmp-PID@HOST-*`` folder it was building (the
+    next save to ``target`` removes it once that process is gone); any other failure, Ctrl-C and the
+    CLI's SIGTERM included, removes it (and puts a renamed-aside folder back)."""
     target = Path(target)
     if target.exists() and not target.is_dir():
         # Renaming a file aside and removing it as a folder used to fail half-way, leaving .NAME.old.
         raise FileExistsError(f"{target} is a file, not a folder; delete it or choose another folder")
     check_writable_location(target.parent)  # a parent that is a file: refused before anything is written
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    remove_stale_temporaries(target.parent, f".{target.name}.tmp-")
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=owned_prefix(f".{target.name}.tmp-")))
     try:
         yield tmp
         for path in tmp.rglob("*"):  # libraries (diffusers, quanto) write without fsync
@@ -57,6 +64,43 @@ def atomic_directory(target: str | os.PathLike):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def owned_prefix(base: str) -> str:
+    """A temporary name prefix naming this process (``BASE<pid>@<host>-``), so that a later run can
+    tell a leftover of a process that is gone from a live run's temporary."""
+    return f"{base}{os.getpid()}@{socket.gethostname()}-"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, base: str) -> None:
+    """Delete ``folder``'s entries named ``owned_prefix(base)`` by a process of this host that is no
+    longer running (a run killed with SIGKILL, or a power loss). Live runs' temporaries, other
+    hosts' and names without a pid are left alone."""
+    folder = Path(folder)
+    pattern = re.compile(re.escape(base) + r"(\d+)@(.+)-[^-]*$")
+    host = socket.gethostname()
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match and match.group(2) == host and not pid_alive(int(match.group(1))):
+            logger.info("removing %s, left by process %s, which is no longer running", entry, match.group(1))
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def _swap_into_place(new: Path, target: Path) -> None:

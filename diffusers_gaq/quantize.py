@@ -12,6 +12,7 @@ import torch
 
 from .calibration.calibrate import calibrate_model
 from .calibration.data import CalibrationData, collect_calibration_data
+from .calibration.store import remove_stale_captures
 from .checkpointing import open_checkpoint
 from .config import GradientAlignedQuantizer
 from .distributed import detect, unit_sync_check
@@ -95,36 +96,41 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
     # A foreign, corrupt or unwanted checkpoint is refused here, before any work.
     checkpoint, resumed = open_checkpoint(checkpoint_dir, resume, family, fp_model, pipe.scheduler.config, config,
                                           calibration_data, dist)
+    remove_stale_captures()  # disk-backed captures of runs killed before they could delete them
 
-    model = copy.deepcopy(fp_model).to(device).eval().requires_grad_(False)
-    t0 = time.perf_counter()
-    calibration_data = calibration_data if calibration_data is not None else resumed.data
-    if calibration_data is None:
-        # Prompts are encoded / labels checked here, before the (long) trajectory sampling.
-        conditioning = family.calibration_conditioning(pipe, model, config, device)
-        shard = {}
-        if dist is not None:
-            ids = dist.split_trajectories(config.samples_per_timestep, config.calibration_batch_size)
-            shard = {"trajectory_ids": ids, "gather": dist.trajectory_gatherer(ids)}
-        calibration_data = collect_calibration_data(model, pipe.scheduler.config, family, config, device, progress,
-                                                    conditioning=conditioning, **shard)
-    data_seconds = resumed.data_seconds if resumed.data is not None else time.perf_counter() - t0
-    if checkpoint is not None and resumed.data is None:
-        checkpoint.save_data(calibration_data, data_seconds)
+    try:  # the checkpoint folder's lock is given back however the run ends (errors, Ctrl-C, SIGTERM)
+        model = copy.deepcopy(fp_model).to(device).eval().requires_grad_(False)
+        t0 = time.perf_counter()
+        calibration_data = calibration_data if calibration_data is not None else resumed.data
+        if calibration_data is None:
+            # Prompts are encoded / labels checked here, before the (long) trajectory sampling.
+            conditioning = family.calibration_conditioning(pipe, model, config, device)
+            shard = {}
+            if dist is not None:
+                ids = dist.split_trajectories(config.samples_per_timestep, config.calibration_batch_size)
+                shard = {"trajectory_ids": ids, "gather": dist.trajectory_gatherer(ids)}
+            calibration_data = collect_calibration_data(model, pipe.scheduler.config, family, config, device,
+                                                        progress, conditioning=conditioning, **shard)
+        data_seconds = resumed.data_seconds if resumed.data is not None else time.perf_counter() - t0
+        if checkpoint is not None and resumed.data is None:
+            checkpoint.save_data(calibration_data, data_seconds)
 
-    wrap = wrap_model(model, config, family)
-    logger.info("wrapped %d layers (%d kept FP, %d split inputs, %d attention cores)", len(wrap.layer_bits),
-                len(wrap.kept_fp), len(wrap.split_layers), len(wrap.attention))
-    units = reconstruction_units(model, family)  # listed here, once, for calibration and its hooks
-    resumed.restore(model, units)  # the finished units' state; nothing when starting fresh
-    hooks = [hook for hook in (unit_sync_check(dist, units),
-                               checkpoint.unit_hook(model, units, resumed) if checkpoint is not None else None)
-             if hook is not None]
-    report = calibrate_model(model, family, calibration_data, config, units=units, progress=progress,
-                             record_conflict=record_conflict, dist=dist, start=resumed, hooks=hooks)
-    resumed.merge_into(report)
-    report.data_seconds = data_seconds
-    report.data_digest = calibration_data.digest()
+        wrap = wrap_model(model, config, family)
+        logger.info("wrapped %d layers (%d kept FP, %d split inputs, %d attention cores)", len(wrap.layer_bits),
+                    len(wrap.kept_fp), len(wrap.split_layers), len(wrap.attention))
+        units = reconstruction_units(model, family)  # listed here, once, for calibration and its hooks
+        resumed.restore(model, units)  # the finished units' state; nothing when starting fresh
+        hooks = [hook for hook in (unit_sync_check(dist, units),
+                                   checkpoint.unit_hook(model, units, resumed) if checkpoint is not None else None)
+                 if hook is not None]
+        report = calibrate_model(model, family, calibration_data, config, units=units, progress=progress,
+                                 record_conflict=record_conflict, dist=dist, start=resumed, hooks=hooks)
+        resumed.merge_into(report)
+        report.data_seconds = data_seconds
+        report.data_digest = calibration_data.digest()
+    finally:
+        if checkpoint is not None:
+            checkpoint.release()
     set_quant_state(model, weight=True, act=config.quantizes_activations)
     mark_quantized(model, QuantizationState(config, wrap, report, base_model=public_base_model(base_model) or _public_origin(pipe, fp_model)))
     if model.config.get("_name_or_path"):  # config.json would otherwise carry the absolute path too

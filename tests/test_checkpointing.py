@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,17 +30,21 @@ from helpers import checkpoint_manifest, reliability_config, same_tensors, snaps
 from hypothesis import HealthCheck, given, settings
 from test_config import valid_kwargs  # the config strategies, shared
 
-from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline
+from diffusers_gaq import GradientAlignedQuantizer, cli, quantize_pipeline
 from diffusers_gaq.calibration import calibrate as calibrate_module
 from diffusers_gaq.calibration.data import CalibrationData
 from diffusers_gaq.checkpointing import (
     DATA_NAME,
+    LOCK_NAME,
     STATE_NAME,
     CalibrationCheckpoint,
+    CheckpointInUseError,
     CheckpointMismatchError,
     config_fingerprint,
     describe_mismatch,
+    open_checkpoint,
 )
+from diffusers_gaq.models import family_for
 from diffusers_gaq.serialization import CheckpointError, quantized_state_dict
 
 torch.set_num_threads(1)
@@ -300,3 +305,95 @@ def test_config_fingerprint_names_exactly_the_fields_that_differ(a, b):
         assert len(lines) == 1 and lines[0].startswith("config fields differ")
         shown = changed[:8]  # the message lists the first eight
         assert all(f"{k} (checkpoint" in lines[0] for k in shown), (changed, lines)
+
+
+# ---- one run per folder ------------------------------------------------------------------------
+_HOLD = ("import sys, time; from diffusers_gaq.checkpointing import CheckpointLock; "
+         "CheckpointLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)")
+
+
+@pytest.fixture
+def held_folder(tmp_path):
+    """A checkpoint folder whose lock another live process holds; yields (folder, that process)."""
+    folder = tmp_path / "ckpt"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield folder, proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_second_run_on_a_held_folder_is_refused_naming_the_first(tiny_pipe, held_folder, capsys, no_sampling,
+                                                                  no_loading):
+    """Two runs on one folder (seeds 0 and 1 started together) used to both finish, leaving one
+    run's data beside the other's state; the second is refused, naming the first one's pid."""
+    folder, holder = held_folder
+    before = snapshot(folder)
+    for resume in (False, True):
+        with pytest.raises(CheckpointInUseError, match=rf"in use by another run \(process {holder.pid} on "):
+            quantize_pipeline(tiny_pipe, reliability_config(seed=1), progress=False, checkpoint_dir=folder,
+                              resume=resume)
+    code = cli.main(["quantize", "reference", "--budget", "tiny", "--output", str(folder.parent / "out"),
+                     "--checkpoint-dir", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"process {holder.pid}" in err, err
+    assert snapshot(folder) == before
+
+
+def test_a_multi_process_run_locks_on_its_main_process_only(tiny_pipe, held_folder):
+    """The other processes of an `accelerate launch` run see the main one's lock: they must not refuse."""
+    folder, _ = held_folder
+    other_rank = mock.Mock(is_main=False)
+    checkpoint, _ = open_checkpoint(folder, True, family_for(tiny_pipe.unet), tiny_pipe.unet,
+                                    tiny_pipe.scheduler.config, reliability_config(), dist=other_rank)
+    assert checkpoint.lock is None
+
+
+def test_a_stale_lock_is_taken_over_and_every_run_releases_its_lock(tiny_pipe, tmp_path, caplog):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    (folder / LOCK_NAME).write_text(json.dumps({"pid": dead_pid, "host": socket.gethostname()}))
+    with caplog.at_level(logging.WARNING):
+        _interrupted_run(tiny_pipe, reliability_config(), folder, INTERRUPT_AT)  # ends in an error
+    assert f"taking over the lock left by process {dead_pid}" in caplog.text
+    assert not (folder / LOCK_NAME).exists()  # released on the error
+    quantize_pipeline(tiny_pipe, reliability_config(), progress=False, checkpoint_dir=folder, resume=True)
+    assert not (folder / LOCK_NAME).exists()  # and at the end
+
+
+@pytest.mark.slow
+def test_cli_stopped_with_sigterm_leaves_no_temporaries(tmp_path):
+    """SIGTERM mid-calibration (captures on disk, a checkpoint held): the command unwinds like
+    Ctrl-C, exits 143, and leaves no capture folder in TMPDIR, no lock and no temporary file; the
+    checkpoint stays resumable."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TMPDIR=str(tmpdir))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"max_calibration_memory_gib": 1e-6}))  # every capture goes to disk
+    ckpt, out = tmp_path / "C", tmp_path / "D"
+    cmd = [sys.executable, "-m", "diffusers_gaq", "quantize", "reference", "--budget", "tiny", "--quiet",
+           "--config", str(config), "--output", str(out), "--checkpoint-dir", str(ckpt)]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((ckpt / STATE_NAME).exists() and any(tmpdir.glob("gaq-capture-*"))):
+            assert proc.poll() is None, "the run ended before it was stopped"
+            assert time.monotonic() < deadline, "no unit checkpoint and disk-backed capture after 300 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143, err
+    assert "terminated" in err
+    assert not list(tmpdir.iterdir())  # no gaq-capture-* folder
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted([DATA_NAME, STATE_NAME])  # no lock, no .tmp
+    assert not out.exists() and not list(tmp_path.glob(".D.*"))

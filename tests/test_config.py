@@ -411,3 +411,15 @@ def test_property_one_invalid_field_refused_by_name(case):
     with pytest.raises(ValueError) as e:
         GradientAlignedQuantizer(**kw)
     assert name in str(e.value)
+
+
+def test_a_pattern_field_set_to_one_string_after_construction_is_one_pattern():
+    """`config.keep_fp = "conv_in"` used to be taken one character at a time ('c', 'o', ...)."""
+    config = GradientAlignedQuantizer()
+    config.keep_fp = "conv_in"
+    config.timestep_aware_acts = ["conv_in", "*time_emb_proj"]
+    assert config.keep_fp == ("conv_in",)
+    assert config.timestep_aware_acts == ("conv_in", "*time_emb_proj")
+    config.keep_fp = 5
+    with pytest.raises(ValueError, match="keep_fp"):
+        config.validate()

@@ -191,17 +191,40 @@ def test_invalid_first_last_precision_is_refused(tag):
     assert repr(tag) in str(e.value) and "'same'" in str(e.value)
 
 
-def test_unknown_pattern_is_refused_with_a_hint(caplog, small_unet):
+def test_unknown_pattern_is_refused_with_a_hint(small_unet):
     config = GradientAlignedQuantizer(layer_precision={"up_block.*": "w8a8"})  # typo: up_block
     model = small_unet
     with pytest.raises(ValueError, match=r"pattern 'up_block\.\*' matches no Conv2d / Linear") as e:
         wrap_model(model, config, family_for(model))
     assert "up_blocks." in str(e.value)  # a hint of what the names look like
     assert not any(isinstance(m, QuantLayer) for m in model.modules())  # refused before any wrapping
-    # a keep_fp pattern that matches nothing is only a warning (older configs)
-    with caplog.at_level("WARNING"):
-        check_layer_patterns(model, GradientAlignedQuantizer(keep_fp=("nothing_here",)), family_for(model))
-    assert "nothing_here" in caplog.text
+
+
+@pytest.mark.parametrize("option, value", [
+    ("layer_precision", {"nomatch*": "w8a8"}),
+    ("keep_fp", ("nomatch*",)),
+    ("timestep_aware_acts", ("nomatch*",)),
+])
+def test_every_pattern_field_refuses_a_pattern_that_matches_nothing(small_unet, option, value):
+    """One rule for every pattern field: keep_fp used to warn and timestep_aware_acts to ignore the
+    pattern silently (the weights byte-identical to a run without it)."""
+    config = GradientAlignedQuantizer(**{option: value, "act_timestep_groups": 2} if option == "timestep_aware_acts"
+                                      else {option: value})
+    with pytest.raises(ValueError, match=rf"{option} pattern 'nomatch\*' .*matches no") as e:
+        check_layer_patterns(small_unet, config, family_for(small_unet))
+    assert "down_blocks." in str(e.value) or "conv_in" in str(e.value)  # real names as a hint
+
+
+def test_cli_refuses_an_unmatched_timestep_aware_pattern_before_sampling(tmp_path, capsys, monkeypatch):
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("calibration data was sampled before the pattern check")
+
+    monkeypatch.setattr(pipeline_module, "collect_calibration_data", no_sampling)
+    code = cli_main(["quantize", "reference", "--budget", "tiny", "--timestep-aware", "nomatch*",
+                     "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "timestep_aware_acts pattern 'nomatch*'" in err and "--timestep-aware" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_quantize_pipeline_refuses_an_unknown_pattern_before_sampling(monkeypatch):

@@ -65,6 +65,31 @@ def test_overwrite_never_deletes_the_input_model(fp_folder, tmp_path, capsys, no
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("where, expected", [
+    (lambda m: m, "is the input model folder"),
+    (lambda m: m / "ckpt", "is inside the input model folder"),
+    (lambda m: m.parent, "holds the input model folder"),
+], ids=["the-model", "inside-the-model", "holding-the-model"])
+def test_checkpoint_dir_never_shares_the_input_model(fp_folder, tmp_path, capsys, no_loading, where, expected):
+    """`--checkpoint-dir` on the input model folder was accepted (and the docs say to delete the
+    checkpoint folder after the save): refused before loading, nothing written."""
+    import shutil
+
+    model = shutil.copytree(fp_folder, tmp_path / "models" / "fp")
+    before = snapshot(tmp_path)
+    code, err = _cli(["quantize", model, "--output", tmp_path / "out", "--checkpoint-dir", where(model),
+                      "--budget", "tiny"], capsys)
+    _refused(code, err, "--checkpoint-dir", expected)
+    assert snapshot(tmp_path) == before
+
+
+def test_checkpoint_dir_never_holds_the_output(tmp_path, capsys, no_loading):
+    code, err = _cli(["quantize", "reference", "--output", tmp_path / "ckpt" / "out", "--checkpoint-dir",
+                      tmp_path / "ckpt", "--budget", "tiny"], capsys)
+    _refused(code, err, "holds --output")
+    assert not any(tmp_path.iterdir())
+
+
 def test_overwrite_refuses_an_earlier_save_with_other_files(qpipe, fp_folder, tmp_path, capsys, no_loading):
     out = save_quantized_pipeline(qpipe, tmp_path / "out")
     (out / "notes.txt").write_text("mine")

@@ -14,6 +14,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 from unittest import mock
@@ -27,7 +32,9 @@ from test_config import one_invalid  # the config strategies, shared
 from diffusers_gaq import GradientAlignedQuantizer, cli, quantize_pipeline
 from diffusers_gaq.calibration import calibrate as calibrate_module
 from diffusers_gaq.calibration.data import CalibrationData
+from diffusers_gaq.calibration.store import CAPTURE_PREFIX, remove_stale_captures
 from diffusers_gaq.checkpointing import DATA_NAME, STATE_NAME
+from diffusers_gaq.files import atomic_directory
 from diffusers_gaq.hub import build_model_card
 from diffusers_gaq.modeling import save_quantized_pipeline
 from diffusers_gaq.quant.layers import QuantLayer
@@ -225,3 +232,39 @@ def test_diverging_units_fall_back_to_round_to_nearest(tiny_pipe, tmp_path):
 def test_a_healthy_run_has_no_fallback(tiny_qpipe):
     assert not any(u.fallback for u in tiny_qpipe.unet.gaq_report.units)
     assert "Reconstruction diverged" not in str(build_model_card(tiny_qpipe.unet))
+
+
+# ---- temporaries -------------------------------------------------------------------------------
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_sigterm_unwinds_a_save_like_ctrl_c(tmp_path):
+    """The CLI turns SIGTERM into an interrupt: a save being built removes its hidden folder (the
+    default SIGTERM ended the process on the spot and left `.NAME.tmp-*` behind for good)."""
+    target, before = tmp_path / "out", signal.getsignal(signal.SIGTERM)
+    with pytest.raises(cli.Terminated), cli.sigterm_as_interrupt():
+        with atomic_directory(target) as tmp:
+            (tmp / "weights.bin").write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+    assert not list(tmp_path.iterdir())
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the command's only
+
+
+def test_temporaries_of_runs_that_are_gone_are_removed_by_the_next_run(tmp_path):
+    """What SIGKILL leaves (a save's hidden folder, disk-backed captures) is removed by the next save
+    or calibration when its process is gone; a live run's temporaries and unknown names are kept."""
+    host, dead, live = socket.gethostname(), _dead_pid(), os.getpid()
+    for base in (".out.tmp-", CAPTURE_PREFIX):
+        (tmp_path / f"{base}{dead}@{host}-abc").mkdir()
+        (tmp_path / f"{base}{live}@{host}-def").mkdir()
+        (tmp_path / f"{base}{dead}@another-host-ghi").mkdir()
+    (tmp_path / ".out.tmp-old_name").mkdir()
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("x")
+    remove_stale_captures(tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["out", ".out.tmp-old_name"] + [f"{base}{pid}" for base in (".out.tmp-", CAPTURE_PREFIX)
+                                                          for pid in (f"{live}@{host}-def", f"{dead}@another-host-ghi")])

@@ -19,7 +19,11 @@ from pathlib import Path
 
 import torch
 
+from ..files import owned_prefix, remove_stale_temporaries
+
 logger = logging.getLogger(__name__)
+
+CAPTURE_PREFIX = "gaq-capture-"  # then <pid>@<host>-: see files.owned_prefix
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -108,7 +112,7 @@ class CaptureStore:
             self.memory_bytes += nbytes
             return MemoryRows(rows, row_shape, dtype)
         if self._dir is None:
-            self._dir = Path(tempfile.mkdtemp(prefix="gaq-capture-", dir=self.folder))
+            self._dir = Path(tempfile.mkdtemp(prefix=owned_prefix(CAPTURE_PREFIX), dir=self.folder))
         free = shutil.disk_usage(self._dir).free
         if nbytes > free:
             raise OSError(f"the captured {what} need {nbytes / 2**30:.2f} GiB on disk but {self._dir} has "
@@ -140,4 +144,9 @@ class CaptureStore:
         self.close()
 
 
-__all__ = ["CaptureStore", "DiskRows", "MemoryRows"]
+def remove_stale_captures(folder: str | os.PathLike | None = None) -> None:
+    """Delete capture folders left in ``folder`` (else TMPDIR) by runs that are gone (SIGKILL)."""
+    remove_stale_temporaries(folder or tempfile.gettempdir(), CAPTURE_PREFIX)
+
+
+__all__ = ["CAPTURE_PREFIX", "CaptureStore", "remove_stale_captures", "DiskRows", "MemoryRows"]

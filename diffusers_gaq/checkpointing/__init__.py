@@ -22,6 +22,9 @@ current run and says what differs (config fields, model config keys, tensors). C
 its random numbers from per-unit generators seeded from the config (calibrate.py) and the state
 is restored bit-exactly, so a resumed run writes the same quantized weights, byte for byte, as an
 uninterrupted one. Only the main process writes (distributed.py); every process reads.
+
+One run at a time: the main process holds ``calibration.lock`` in the folder while it works
+(lock.py); a second run is refused with the first one's pid and host.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from ..config import GradientAlignedQuantizer
 from ..files import check_room
 from ..models import family_for
 from .fingerprint import config_fingerprint, describe_mismatch, run_fingerprint
+from .lock import LOCK_NAME, CheckpointInUseError, CheckpointLock, check_not_locked
 from .state import DATA_NAME, STATE_NAME, CalibrationCheckpoint, CheckpointMismatchError, ResumePoint
 
 
@@ -43,10 +47,12 @@ def has_checkpoint(directory: str | os.PathLike) -> bool:
     return (d / DATA_NAME).exists() or (d / STATE_NAME).exists()
 
 
-def check_checkpoint_dir(directory: str | os.PathLike | None, resume: bool, need_bytes: int = 0) -> None:
+def check_checkpoint_dir(directory: str | os.PathLike | None, resume: bool, need_bytes: int = 0,
+                         check_lock: bool = True) -> None:
     """Refuse, before any work, what cannot end well: ``resume`` without a folder, a folder that is
-    a file or cannot be written, an existing checkpoint that would be overwritten without
-    ``resume``, too little free space for ``need_bytes``."""
+    a file or cannot be written, a folder another live run holds (``check_lock``: only the main
+    process of a multi-process run asks, the others see its lock), an existing checkpoint that
+    would be overwritten without ``resume``, too little free space for ``need_bytes``."""
     if directory is None:
         if resume:
             raise ValueError("resume=True needs checkpoint_dir= (CLI: --resume needs --checkpoint-dir) to resume from")
@@ -54,6 +60,8 @@ def check_checkpoint_dir(directory: str | os.PathLike | None, resume: bool, need
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise ValueError(f"checkpoint folder {d} is a file; choose a folder")
+    if check_lock:
+        check_not_locked(d)
     if has_checkpoint(d) and not resume:
         raise FileExistsError(f"{d} already holds a calibration checkpoint; pass resume=True (CLI: --resume) to "
                               "continue it, or delete it / choose another folder to start over")
@@ -81,15 +89,26 @@ def open_checkpoint(directory: str | os.PathLike | None, resume: bool, family, m
     """quantize_pipeline's entry point: check the folder and, when resuming, read and verify the
     checkpoint, all before any sampling. ``model``: the FP denoiser (``family`` its family);
     ``dist``: the process group of a multi-process run (only its main process writes). Returns
-    (checkpoint or None, where to start)."""
-    check_checkpoint_dir(directory, resume, estimated_checkpoint_bytes(model, config, family) if directory else 0)
+    (checkpoint or None, where to start); the caller calls ``checkpoint.release()`` when the run ends,
+    however it ends."""
+    need = estimated_checkpoint_bytes(model, config, family) if directory else 0
+    main = dist is None or dist.is_main
+    check_checkpoint_dir(directory, resume, need, check_lock=main)
     if directory is None:
         return None, ResumePoint()
-    checkpoint = CalibrationCheckpoint(directory, run_fingerprint(model, scheduler_config, config, calibration_data),
-                                       dist=dist)
-    return checkpoint, checkpoint.load() if resume else ResumePoint()
+    lock = CheckpointLock(directory).acquire() if main else None
+    try:
+        if lock is not None:  # a run that started beside this one may have written the folder meanwhile
+            check_checkpoint_dir(directory, resume, check_lock=False)
+        checkpoint = CalibrationCheckpoint(directory, run_fingerprint(model, scheduler_config, config,
+                                                                      calibration_data), dist=dist, lock=lock)
+        return checkpoint, checkpoint.load() if resume else ResumePoint()
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
 
 
-__all__ = ["CalibrationCheckpoint", "CheckpointMismatchError", "ResumePoint", "DATA_NAME", "STATE_NAME",
-           "check_checkpoint_dir", "config_fingerprint", "describe_mismatch", "estimated_checkpoint_bytes",
+__all__ = ["CalibrationCheckpoint", "CheckpointInUseError", "CheckpointLock", "CheckpointMismatchError", "LOCK_NAME",
+           "ResumePoint", "DATA_NAME", "STATE_NAME", "check_checkpoint_dir", "check_not_locked", "config_fingerprint", "describe_mismatch", "estimated_checkpoint_bytes",
            "has_checkpoint", "open_checkpoint", "run_fingerprint"]

@@ -102,10 +102,16 @@ def _join_unit(fields: dict, tensors: dict[str, torch.Tensor]) -> UnitReport:
 class CalibrationCheckpoint:
     """The checkpoint folder of one run, identified by its fingerprint (see :func:`run_fingerprint`)."""
 
-    def __init__(self, directory: str | os.PathLike, fingerprint: dict, dist=None):
+    def __init__(self, directory: str | os.PathLike, fingerprint: dict, dist=None, lock=None):
         self.directory = Path(directory)
         self.fingerprint = fingerprint
         self.dist = dist  # distributed.Dist of a multi-process run: only its main process writes
+        self.lock = lock  # lock.CheckpointLock held by the main process while the run works
+
+    def release(self) -> None:
+        """Give the folder back to other runs (at the end of the run, and on any error)."""
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def data_path(self) -> Path:

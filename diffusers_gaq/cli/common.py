@@ -171,14 +171,29 @@ def check_quantized(folder: Path) -> None:
                        "quantize it first: diffusers-gaq quantize MODEL --output FOLDER, then evaluate FOLDER")
 
 
-def _check_checkpoint_dir(checkpoint_dir: Path | None, out: Path, resume: bool) -> None:
+def _check_checkpoint_dir(checkpoint_dir: Path | None, out: Path, resume: bool, model: str | None = None) -> None:
+    """The checkpoint folder must stay apart from the output (replaced as a whole when the result is
+    saved) and from the input model (the docs say to delete the checkpoint folder after the save)."""
     from ..checkpointing import check_checkpoint_dir
+    from ..distributed import is_main_process
 
-    # The output folder is replaced as a whole when the result is saved: a checkpoint inside it would go too.
-    if checkpoint_dir is not None and (checkpoint_dir.resolve() == out.resolve()
-                                       or out.resolve() in checkpoint_dir.resolve().parents):
-        raise CLIError(f"--checkpoint-dir {checkpoint_dir} is inside --output {out}; choose a folder outside it")
-    check_checkpoint_dir(checkpoint_dir, resume)
+    if checkpoint_dir is not None:
+        _check_apart(checkpoint_dir, out, f"--output {out}")
+        if model is not None and model != REFERENCE and Path(model).exists():
+            _check_apart(checkpoint_dir, Path(model), f"the input model folder {model}")
+    # Only the main process of a multi-process run takes the lock: the others would see it as busy.
+    check_checkpoint_dir(checkpoint_dir, resume, check_lock=is_main_process())
+
+
+def _check_apart(checkpoint_dir: Path, other: Path, what: str) -> None:
+    """Refuse a checkpoint folder that is ``other``, holds it or lies inside it."""
+    ckpt, other_abs = checkpoint_dir.resolve(), other.resolve()
+    if ckpt == other_abs:
+        raise CLIError(f"--checkpoint-dir {checkpoint_dir} is {what}; choose a folder of its own")
+    if other_abs in ckpt.parents:
+        raise CLIError(f"--checkpoint-dir {checkpoint_dir} is inside {what}; choose a folder outside it")
+    if ckpt in other_abs.parents:
+        raise CLIError(f"--checkpoint-dir {checkpoint_dir} holds {what}; choose a folder that does not hold it")
 
 
 def _check_space_for_model(out: Path, pipe) -> None:

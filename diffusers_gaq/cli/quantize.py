@@ -34,7 +34,7 @@ def cmd_quantize(args) -> int:
     check_not_quantized(args.model)
     _check_replaceable(out, args.model)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
-    _check_checkpoint_dir(checkpoint_dir, out, args.resume)
+    _check_checkpoint_dir(checkpoint_dir, out, args.resume, args.model)
     pipe = common.load_pipeline(args.model)
     _check_space_for_model(out, pipe)
     start = time.perf_counter()

@@ -59,20 +59,27 @@ def _pattern_targets(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) or (n and _is_attention(m))]
 
 
+# The flag each pattern field comes from on the command line, for the messages.
+_PATTERN_FLAGS = {"layer_precision": "--layer-precision", "keep_fp": "--config keep_fp",
+                  "timestep_aware_acts": "--timestep-aware"}
+
+
 def check_layer_patterns(model: nn.Module, config: GradientAlignedQuantizer, family=None) -> None:
-    """Refuse a layer_precision pattern that matches no layer of ``model`` (a typo would silently
-    quantize the layer at the global bits), naming it with a few layer names as a hint; a keep_fp
-    pattern that matches nothing only gets a warning (older configs may name layers of other models)."""
+    """Refuse a pattern of layer_precision, keep_fp or timestep_aware_acts that matches no layer or
+    attention module of ``model``: a typo would otherwise silently leave the setting unused. One
+    rule for every pattern field; the message names the field, the pattern and a few real names."""
     names = _pattern_targets(model)
-    for pattern in config.layer_precision:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            hint = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4) or names[:3] + names[-2:]
-            raise ValueError(f"GradientAlignedQuantizer.layer_precision pattern {pattern!r} matches no Conv2d / Linear "
-                             f"layer or attention module of this {type(model).__name__}; layer names look like "
-                             f"{', '.join(hint)} (fnmatch patterns: '*' matches dots too, e.g. 'down_blocks.0.*')")
-    for pattern in config.keep_fp:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            logger.warning("keep_fp pattern %r matches no layer of this %s", pattern, type(model).__name__)
+    for option in ("layer_precision", "keep_fp", "timestep_aware_acts"):
+        for pattern in getattr(config, option):
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ValueError(_unmatched_message(option, pattern, names, type(model).__name__))
+
+
+def _unmatched_message(option: str, pattern: str, names: list[str], model_class: str) -> str:
+    hint = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4) or names[:3] + names[-2:]
+    return (f"GradientAlignedQuantizer.{option} pattern {pattern!r} matches no Conv2d / Linear layer or attention "
+            f"module of this {model_class} (CLI: {_PATTERN_FLAGS[option]}); layer names look like "
+            f"{', '.join(hint)} (fnmatch patterns: '*' matches dots too, e.g. 'down_blocks.0.*')")
 
 
 def resolve_precision(name: str, config: GradientAlignedQuantizer, first_last=()) -> tuple[int | None, int | None]:
