@@ -178,6 +178,16 @@ def verify_digest(state: dict, expected: str | None, weights_path: Path, config_
                      f"the file is corrupt or was edited: {_RESTORE}")
 
 
+def verify_finite(state: dict, weights_path: Path) -> None:
+    """Every float tensor must hold finite values: one NaN makes every output NaN. The ``gaq.*``
+    quantizer tensors are left to their own, stricter checks (verify_scales, verify_zero_points)."""
+    for key, t in state.items():
+        if t.is_floating_point() and not key.startswith("gaq.") and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise _error(f"{weights_path}: tensor {key} holds NaN/Inf ({bad} of {t.numel()} values); a saved "
+                         f"checkpoint holds finite values only: the file is corrupt or was edited: {_RESTORE}")
+
+
 def verify_flat_tensor(state: dict, key: str, weights_path: Path, dtype: torch.dtype | None = None,
                        length: int | None = None) -> torch.Tensor:
     """The 1-D tensor ``state[key]`` of real numbers, of ``dtype`` and ``length`` when given."""
@@ -222,6 +232,6 @@ def verify_codes(codes: torch.Tensor, bits: int, weights_path: Path, field: str)
         raise _error(f"{weights_path}: {field} holds code {int(codes.max())}, more than {bits} bits hold: {_RESTORE}")
 
 
-__all__ = ["DIGEST_FIELD", "verify_codes", "verify_digest", "verify_flat_tensor", "verify_json_object",
+__all__ = ["DIGEST_FIELD", "verify_codes", "verify_digest", "verify_finite", "verify_flat_tensor", "verify_json_object",
            "verify_layer_table", "verify_quantization_config", "verify_scales", "verify_timestep_groups_fit", "verify_zero_points",
            "weights_digest"]

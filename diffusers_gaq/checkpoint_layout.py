@@ -7,8 +7,9 @@ MODEL_CONFIG_NAME = "config.json"
 REPORT_TENSORS = "calibration_report.safetensors"
 REPORT_JSON = "calibration_report.json"
 # 2: quantization_config.json records weights_sha256, the digest of the weights file's tensors.
-# Version 1 checkpoints (no digest) still load.
-FORMAT_VERSION = 2
+# 3: it also records files_sha256, the digests of config.json and of itself (file_digests.py).
+# Version 1 and 2 checkpoints still load, with what they record verified.
+FORMAT_VERSION = 3
 PACKED_SUFFIX = ".weight_packed"
 
 

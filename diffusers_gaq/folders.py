@@ -70,7 +70,7 @@ def _is_model_file(path: Path) -> bool:
 
 
 def _pipeline_problem(folder: Path) -> str | None:
-    components = _model_index_components(folder / MODEL_INDEX)
+    components = model_index_components(folder / MODEL_INDEX)
     denoiser = quantized_model_dir(folder)
     if components is None or denoiser == folder or not _is_quantized_model_dir(denoiser):
         return (f"it holds no {MODEL_INDEX} with a diffusers-gaq quantized denoiser, so it is not an earlier "
@@ -91,7 +91,7 @@ def _pipeline_problem(folder: Path) -> str | None:
     return _foreign_files_problem(folder, foreign)
 
 
-def _model_index_components(path: Path) -> set[str] | None:
+def model_index_components(path: Path) -> set[str] | None:
     """The component names model_index.json lists, or None when it is missing or not an index."""
     try:
         index = json.loads(path.read_text(encoding="utf-8"))

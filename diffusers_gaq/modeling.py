@@ -54,6 +54,7 @@ from .serialization import (
     read_optional_report,
     read_quantization_config,
     read_weights,
+    verify_config_files,
     restore_quantizers,
     saved_quantizer_config,
     write_quantized_files,
@@ -296,6 +297,8 @@ def load_quantized(path_or_repo: str | os.PathLike, device: str | torch.device |
     table = qcfg.get("layers", {})
     # The rebuilt model's bit widths come from "config"; the table must say the same.
     checks.verify_layer_table(model, table, folder / CONFIG_NAME, MODEL_CONFIG_NAME)
+    # After the checks above, whose messages name the field: this one catches consistent edits too.
+    verify_config_files(folder, qcfg)
 
     weights_path = folder / WEIGHTS_NAME
     state = read_weights(weights_path, qcfg)

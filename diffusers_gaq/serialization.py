@@ -36,6 +36,7 @@ from .checkpoint_layout import (
     config_json_entry,
 )
 from .config import CONFIG_NAME, GradientAlignedQuantizer, sorted_fields
+from .file_digests import FILES_DIGEST_FIELD, check_files_digest_field, files_digests, verify_files_digests
 from .files import atomic_save_safetensors, atomic_write_text
 from .quant.layers import QuantLayer
 from .quant.packing import pack_bits, packed_nbytes, unpack_bits
@@ -206,7 +207,8 @@ def write_quantized_files(model, folder: Path, *, config: GradientAlignedQuantiz
     cfg["_class_name"] = base.__name__
     # Makes `<Base>.from_pretrained(folder)` load the quantized model, or refuse: never FP-looking weights.
     cfg["quantization_config"] = config_json_entry(base.__name__)
-    atomic_write_text(folder / MODEL_CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True, default=list) + "\n")
+    cfg_text = json.dumps(cfg, indent=2, sort_keys=True, default=list) + "\n"
+    atomic_write_text(folder / MODEL_CONFIG_NAME, cfg_text)
     qcfg = {
         "quant_method": "gaq",
         "format_version": FORMAT_VERSION,
@@ -222,7 +224,10 @@ def write_quantized_files(model, folder: Path, *, config: GradientAlignedQuantiz
         qcfg["timestep_groups"] = timestep_groups.to_dict()
     # Not sort_keys: layer_precision's order decides which pattern wins, and the layer table reads
     # best in module order.
-    atomic_write_text(folder / CONFIG_NAME, json.dumps(sorted_fields(qcfg), indent=2) + "\n")
+    qcfg = sorted_fields(qcfg)
+    # Digests of the files as a reader parses them (tuples become lists), verified at load.
+    qcfg[FILES_DIGEST_FIELD] = files_digests(json.loads(cfg_text), json.loads(json.dumps(qcfg)))
+    atomic_write_text(folder / CONFIG_NAME, json.dumps(qcfg, indent=2) + "\n")
     atomic_save_safetensors(state, folder / WEIGHTS_NAME,
                             metadata={"format": "pt", "gaq_format_version": str(FORMAT_VERSION)})
     if report is not None:
@@ -245,10 +250,22 @@ def read_json(path: Path) -> dict:
 def read_quantization_config(folder: Path) -> dict:
     path = folder / CONFIG_NAME
     qcfg = checks.verify_quantization_config(read_json(path), path, FORMAT_VERSION)
-    if checks.DIGEST_FIELD not in qcfg:
-        logger.debug("%s has no %s (format version %s): the weights are loaded without a digest check",
-                     path, checks.DIGEST_FIELD, qcfg.get("format_version", 0))
+    version = qcfg.get("format_version", 0)
+    if version >= 3:
+        check_files_digest_field(qcfg.get(FILES_DIGEST_FIELD), path)
+    elif checks.DIGEST_FIELD in qcfg:
+        logger.info("%s: format version %s records no %s: only the tensors are verified against a digest, not "
+                    "%s or %s", path, version, FILES_DIGEST_FIELD, MODEL_CONFIG_NAME, CONFIG_NAME)
+    else:
+        logger.info("%s: format version %s records no digest: the files are loaded without a digest check",
+                    path, version)
     return qcfg
+
+
+def verify_config_files(folder: Path, qcfg: dict) -> None:
+    """config.json and quantization_config.json against the digests recorded at save (format 3+)."""
+    if FILES_DIGEST_FIELD in qcfg:
+        verify_files_digests(folder, read_json(folder / MODEL_CONFIG_NAME), qcfg)
 
 
 def saved_quantizer_config(qcfg: dict, path: Path) -> GradientAlignedQuantizer:
@@ -291,6 +308,7 @@ def read_weights(weights_path: Path, qcfg: dict) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights_path} cannot be read ({e}); the file is truncated or corrupt") from None
     checks.verify_digest(state, qcfg.get(checks.DIGEST_FIELD), weights_path, CONFIG_NAME)
+    checks.verify_finite(state, weights_path)
     return state
 
 

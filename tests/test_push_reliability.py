@@ -9,6 +9,7 @@ The client is the unmodified huggingface_hub; servers are on the loopback interf
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -305,3 +306,121 @@ def test_card_shows_a_local_base_and_baseline_by_name_only(qpipe, base_folder, m
     monkeypatch.setattr(qpipe.unet, "gaq_evaluation", {"psnr_db": 30.0, "baseline": str(base_folder)}, raising=False)
     text = str(build_model_card(qpipe.unet, base_model=str(base_folder)))
     assert str(base_folder) not in text and "my-fp-model" in text
+
+
+# ---- only the checkpoint's own files are uploaded ---------------------------------------------
+SECRET = "HF_TOKEN=hf_should_never_leave_this_machine"
+OUTSIDE = "private notes outside the checkpoint folder"
+
+
+@pytest.fixture
+def cluttered_pipeline(qpipe, tmp_path) -> Path:
+    """A saved quantized pipeline holding what a push must never upload: a hidden .env with a
+    token, a symlink to a file outside the folder, a stray file and a stray folder."""
+    folder = save_quantized_pipeline(qpipe, tmp_path / "pipe-w8")
+    (folder / ".env").write_text(SECRET + "\n")
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "token").write_text(SECRET)
+    outside = tmp_path / "outside.txt"
+    outside.write_text(OUTSIDE)
+    (folder / "unet" / "notes.txt").symlink_to(outside)
+    (folder / "scratch.py").write_text("print('mine')\n")
+    (folder / "scheduler" / "old.bin").write_bytes(b"\0" * 8)
+    (folder / "runs").mkdir()
+    (folder / "runs" / "log.json").write_text("{}")
+    return folder
+
+
+def _expected_pipeline_files(folder: Path) -> set[str]:
+    names = {"model_index.json", "README.md", "scheduler/scheduler_config.json"}
+    names |= {f"unet/{p.name}" for p in (folder / "unet").iterdir() if not p.is_symlink() and p.suffix != ".txt"}
+    return names | {p.name for p in folder.glob("*.png")}
+
+
+def _pushed(hub: LocalHub) -> dict[str, bytes]:
+    files = hub.repo(REPO_ID).files()
+    files.pop(".gitattributes")  # the Hub's own, written when the repo is created
+    return files
+
+
+def test_push_uploads_only_the_checkpoint_files(cluttered_pipeline, local_hub: LocalHub, hub_env: str, caplog):
+    with caplog.at_level(logging.WARNING, logger="diffusers_gaq"):
+        push_folder(cluttered_pipeline, REPO_ID, endpoint=local_hub.endpoint)
+
+    uploaded = _pushed(local_hub)
+    assert set(uploaded) == _expected_pipeline_files(cluttered_pipeline)
+    for name, data in uploaded.items():
+        assert SECRET.encode() not in data and OUTSIDE.encode() not in data, name
+    warning = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    for skipped in (".env", ".cache/", "unet/notes.txt", "scratch.py", "scheduler/old.bin", "runs/"):
+        assert skipped in warning, skipped
+    assert "symbolic link" in warning and "hidden" in warning
+
+
+def test_a_link_is_never_read(cluttered_pipeline, monkeypatch):
+    # The allow-list never opens a link: even one named like a checkpoint file is skipped.
+    (cluttered_pipeline / "unet" / "notes.txt").unlink()
+    config = cluttered_pipeline / "scheduler" / "scheduler_config.json"
+    real = cluttered_pipeline.parent / "scheduler_config.json"
+    config.rename(real)
+    config.symlink_to(real)
+    plan = push_folder(cluttered_pipeline, REPO_ID, dry_run=True)
+    assert "scheduler/scheduler_config.json" not in {f.path for f in plan}
+
+
+def test_dry_run_returns_exactly_what_a_push_uploads(cluttered_pipeline, local_hub: LocalHub, hub_env: str):
+    plan = push_folder(cluttered_pipeline, REPO_ID, endpoint=local_hub.endpoint, dry_run=True)
+    assert not local_hub.requests and REPO_ID_PLACEHOLDER in (cluttered_pipeline / "README.md").read_text()
+    push_folder(cluttered_pipeline, REPO_ID, endpoint=local_hub.endpoint)
+    uploaded = _pushed(local_hub)
+    assert {f.path: f.size for f in plan} == {name: len(data) for name, data in uploaded.items()}
+
+
+def test_cli_dry_run_prints_the_files_and_sends_nothing(cluttered_pipeline, local_hub: LocalHub, hub_env: str):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_DISABLE_TELEMETRY="1")
+    before = digests(cluttered_pipeline)
+    r = subprocess.run([sys.executable, "-m", "diffusers_gaq", "push", str(cluttered_pipeline), REPO_ID,
+                        "--endpoint", local_hub.endpoint, "--dry-run"],
+                       capture_output=True, text=True, env=env, timeout=180, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert not local_hub.requests  # no network call at all
+    listed = {line.split()[-1]: int(line.split()[0].replace(",", "")) for line in r.stdout.splitlines()[:-1]}
+    expected = _expected_pipeline_files(cluttered_pipeline)
+    assert set(listed) == expected
+    assert listed["unet/diffusion_pytorch_model.safetensors"] == \
+        (cluttered_pipeline / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert f"{len(expected)} files" in r.stdout.splitlines()[-1] and "nothing was sent" in r.stdout
+    assert ".env" in r.stderr and "unet/notes.txt" in r.stderr  # the warning names what is skipped
+    assert digests(cluttered_pipeline) == before
+
+
+# ---- a pinned Hub commit loads the files of that commit -----------------------------------------
+def test_a_pinned_revision_loads_that_commits_files_after_a_later_push(checkpoint_copy, local_hub: LocalHub,
+                                                                       hub_env: str, tmp_path):
+    from diffusers_gaq.file_digests import FILES_DIGEST_FIELD, files_digests
+    from diffusers_gaq.modeling import QuantizedUNet2DModel
+
+    first = push_folder(checkpoint_copy, REPO_ID, endpoint=local_hub.endpoint).oid
+    expected = _unet_outputs(QuantizedUNet2DModel.from_pretrained(str(checkpoint_copy), runtime="simulated"))
+    # A deliberate edit that recomputes the digests: only pinning the commit protects against it.
+    cfg = json.loads((checkpoint_copy / "config.json").read_text())
+    cfg["norm_eps"] = 10.0
+    (checkpoint_copy / "config.json").write_text(json.dumps(cfg, indent=2))
+    qcfg = json.loads((checkpoint_copy / "quantization_config.json").read_text())
+    qcfg[FILES_DIGEST_FIELD] = files_digests(cfg, qcfg)
+    (checkpoint_copy / "quantization_config.json").write_text(json.dumps(qcfg, indent=2))
+    push_folder(checkpoint_copy, REPO_ID, endpoint=local_hub.endpoint)
+
+    pinned = QuantizedUNet2DModel.from_pretrained(REPO_ID, revision=first, endpoint=local_hub.endpoint,
+                                                  cache_dir=tmp_path / "cache", runtime="simulated")
+    latest = QuantizedUNet2DModel.from_pretrained(REPO_ID, endpoint=local_hub.endpoint,
+                                                  cache_dir=tmp_path / "cache", runtime="simulated")
+    assert torch.equal(_unet_outputs(pinned), expected)
+    assert not torch.equal(_unet_outputs(latest), expected)
+
+
+@torch.no_grad()
+def _unet_outputs(unet) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(7)
+    size = unet.config.sample_size
+    return unet(torch.randn(1, unet.config.in_channels, size, size, generator=gen), torch.tensor([10])).sample

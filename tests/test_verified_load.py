@@ -4,8 +4,9 @@ a raw KeyError / SafetensorError / JSONDecodeError; a damaged optional report co
 
 One W4A8 UNet is quantized on a tiny budget and saved once for the module; every test edits a
 copy of that folder. Edits of the tensors that must reach the value checks (NaN, negative scales,
-a dropped tensor) rewrite the weights file and its digest together, as a tool that knows the
-format would: the digest alone is tested by the flipped byte.
+a dropped tensor) rewrite the weights file and its digests together (weights_sha256 and the
+files_sha256 that covers it), as a tool that knows the format would: the digests alone are tested
+by the flipped byte and the consistent edits.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from diffusers_gaq import quantize_pipeline
 from diffusers_gaq.checkpoint_checks import DIGEST_FIELD, weights_digest
 from diffusers_gaq.config import CONFIG_NAME
+from diffusers_gaq.file_digests import FILES_DIGEST_FIELD, files_digests
 from diffusers_gaq.modeling import QuantizedUNet2DModel, load_quantized
 from diffusers_gaq.serialization import (
     ACT_SCALES_KEY,
@@ -80,6 +82,13 @@ def _rewrite_tensors(folder: Path, edit) -> None:
     edit(state)
     save_file(state, str(path), metadata=metadata)
     _edit_json(folder / CONFIG_NAME, lambda q: q.update({DIGEST_FIELD: weights_digest(state)}))
+    _reseal(folder)
+
+
+def _reseal(folder: Path) -> None:
+    """Recompute files_sha256 from the files as they are: a deliberate edit that knows the format."""
+    _edit_json(folder / CONFIG_NAME, lambda q: q.update(
+        {FILES_DIGEST_FIELD: files_digests(json.loads((folder / "config.json").read_text()), q)}))
 
 
 def _refused(folder: Path, *fragments: str) -> str:
@@ -93,7 +102,8 @@ def _refused(folder: Path, *fragments: str) -> str:
 
 def test_the_saved_checkpoint_loads_and_records_its_digest(quantized, folder):
     qcfg = json.loads((folder / CONFIG_NAME).read_text())
-    assert qcfg["format_version"] == 2 and re.fullmatch(r"[0-9a-f]{64}", qcfg[DIGEST_FIELD])
+    assert qcfg["format_version"] == 3 and re.fullmatch(r"[0-9a-f]{64}", qcfg[DIGEST_FIELD])
+    assert set(qcfg[FILES_DIGEST_FIELD]) == {"config.json", CONFIG_NAME}
     assert torch.equal(_outputs(load_quantized(folder, runtime="simulated")), _outputs(quantized))
 
 
@@ -146,7 +156,9 @@ def test_a_flipped_byte_in_the_tensor_data_is_refused(folder):
 
 
 def test_a_version_1_checkpoint_without_digest_still_loads(quantized, folder, caplog):
-    _edit_json(folder / CONFIG_NAME, lambda q: (q.pop(DIGEST_FIELD), q.update(format_version=1)))
+    # A version 1 file records neither digest (a files_sha256 left in place would catch the edit).
+    _edit_json(folder / CONFIG_NAME, lambda q: (q.pop(DIGEST_FIELD), q.pop(FILES_DIGEST_FIELD),
+                                                q.update(format_version=1)))
     with caplog.at_level(logging.WARNING):
         loaded = load_quantized(folder, runtime="simulated")
     assert torch.equal(_outputs(loaded), _outputs(quantized))
@@ -154,8 +166,64 @@ def test_a_version_1_checkpoint_without_digest_still_loads(quantized, folder, ca
 
 
 def test_a_version_2_checkpoint_without_its_digest_is_refused(folder):
-    _edit_json(folder / CONFIG_NAME, lambda q: q.pop(DIGEST_FIELD))
+    _edit_json(folder / CONFIG_NAME, lambda q: (q.pop(FILES_DIGEST_FIELD), q.update(format_version=2),
+                                                q.pop(DIGEST_FIELD)))
     _refused(folder, str(folder / CONFIG_NAME), f"field {DIGEST_FIELD} is missing")
+
+
+def test_a_version_3_checkpoint_without_its_files_digest_is_refused(folder):
+    _edit_json(folder / CONFIG_NAME, lambda q: q.pop(FILES_DIGEST_FIELD))
+    _refused(folder, str(folder / CONFIG_NAME), f"field {FILES_DIGEST_FIELD} is missing")
+
+
+def test_a_version_2_checkpoint_loads_with_a_note_that_only_tensors_were_verified(quantized, folder, caplog):
+    _edit_json(folder / CONFIG_NAME, lambda q: (q.pop(FILES_DIGEST_FIELD), q.update(format_version=2)))
+    with caplog.at_level(logging.INFO, logger="diffusers_gaq"):
+        loaded = load_quantized(folder, runtime="simulated")
+    assert torch.equal(_outputs(loaded), _outputs(quantized))
+    notes = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any("only the tensors are verified" in n for n in notes), notes
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# ---- consistent edits: every file that decides the computation is covered ------------------------
+def test_act_bits_edited_consistently_everywhere_is_refused(folder):
+    def to_16(q):
+        q["config"]["act_bits"] = 16
+        for entry in q["layers"].values():
+            if entry["act_bits"] == 8:
+                entry["act_bits"] = 16
+
+    _edit_json(folder / CONFIG_NAME, to_16)
+    _refused(folder, str(folder / CONFIG_NAME), f"does not match {FILES_DIGEST_FIELD}", "restore the folder")
+
+
+def test_an_edited_model_config_is_refused(folder):
+    _edit_json(folder / "config.json", lambda c: c.update(norm_eps=10.0))
+    message = _refused(folder, str(folder / "config.json"), f"does not match {FILES_DIGEST_FIELD}",
+                       "restore the folder from the original save")
+    assert str(folder / CONFIG_NAME) + ":" not in message  # names the file that changed
+
+
+def test_a_lowered_format_version_does_not_skip_the_check(folder):
+    _edit_json(folder / CONFIG_NAME, lambda q: (q.update(format_version=2), q["config"].update(act_bits=16)))
+    _edit_json(folder / CONFIG_NAME, lambda q: [e.update(act_bits=16) for e in q["layers"].values()
+                                                if e["act_bits"] == 8])
+    _refused(folder, str(folder / CONFIG_NAME), f"does not match {FILES_DIGEST_FIELD}")
+
+
+def test_rewrites_a_push_makes_keep_the_digests_valid(quantized, folder):
+    # A push makes _name_or_path / base_model public and re-indents the JSON: not content.
+    _edit_json(folder / "config.json", lambda c: c.update(_name_or_path="unet", _diffusers_version="0.0.1"))
+    _edit_json(folder / CONFIG_NAME, lambda q: q.update(base_model="my-fp-model"))
+    assert torch.equal(_outputs(load_quantized(folder, runtime="simulated")), _outputs(quantized))
+
+
+def test_nan_in_a_float_tensor_is_refused_even_with_its_digests_recomputed(folder):
+    state = load_file(str(folder / WEIGHTS_NAME))
+    key = next(k for k, t in state.items() if t.is_floating_point() and not k.startswith("gaq.") and t.numel() > 1)
+    _rewrite_tensors(folder, lambda s: s[key].view(-1).__setitem__(0, float("nan")))
+    _refused(folder, str(folder / WEIGHTS_NAME), f"tensor {key} holds NaN/Inf", "restore")
 
 
 # ---- shapes, counts and structure: CheckpointError, no raw exception ------------------------------

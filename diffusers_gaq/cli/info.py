@@ -61,6 +61,12 @@ def cmd_push(args) -> int:
 
     url = push_folder(args.directory, args.repo_id, private=args.private or None, token=args.token,
                       revision=args.revision, create_pr=args.create_pr, endpoint=args.endpoint,
-                      timeout=args.timeout)
+                      timeout=args.timeout, dry_run=args.dry_run)
+    if args.dry_run:
+        for f in url:
+            print(f"{f.size:>14,d}  {f.path}")
+        print(f"{len(url)} files, {sum(f.size for f in url):,d} bytes would be uploaded to {args.repo_id} "
+              "(dry run: nothing was sent)")
+        return 0
     print(f"pushed {args.directory} -> {url}")
     return 0

@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for each Hub request before giving up "
                         "(default: $DIFFUSERS_GAQ_PUSH_TIMEOUT or 60)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the files (with sizes) that would be uploaded, and send nothing")
     p.set_defaults(func=cmd_push)
 
     i = sub.add_parser("info", help="what is inside a quantized checkpoint")

@@ -13,6 +13,7 @@ from .push import (
                    DEFAULT_PUSH_TIMEOUT,
                    PUSH_TIMEOUT_ENV,
                    HubPushError,
+                   UploadFile,
                    hub_client_timeout,
                    push_folder,
                    push_quantized,
@@ -21,6 +22,6 @@ from .push import (
 from .repo import REFERENCE_BASE_MODEL, check_repo_id, is_hub_id, public_base_model
 
 __all__ = ["CARD_NAME", "CONFLICT_PNG", "DEFAULT_PUSH_TIMEOUT", "PUSH_TIMEOUT_ENV", "REFERENCE_BASE_MODEL",
-           "REPO_ID_PLACEHOLDER", "SAMPLE_WEIGHTS_PNG", "HubPushError", "build_model_card", "card_for_repo",
+           "REPO_ID_PLACEHOLDER", "SAMPLE_WEIGHTS_PNG", "HubPushError", "UploadFile", "build_model_card", "card_for_repo",
            "check_repo_id", "hub_client_timeout", "is_hub_id", "public_base_model", "push_folder", "push_quantized",
            "push_timeout", "write_model_card"]

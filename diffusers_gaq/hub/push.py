@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx2
 from huggingface_hub import HfApi
@@ -27,6 +28,7 @@ from ..folders import quantized_model_dir
 from ..serialization import CheckpointError, read_json
 from .card import CARD_NAME, card_for_repo, write_model_card
 from .repo import check_repo_id, public_base_model
+from .upload_files import select_upload, warn_skipped
 
 logger = logging.getLogger(__name__)
 
@@ -95,19 +97,20 @@ def _public_json(path: Path) -> tuple[str | None, dict[str, str]]:
     return json.dumps(data, indent=2) + "\n", replaced
 
 
-def _staged_texts(folder: Path, repo_id: str) -> dict[str, str]:
-    """{path relative to folder: text to upload instead of the file} for the files a push rewrites:
-    JSON configs that record a local path, and README.md (repo id, and those paths made public).
-    Older checkpoints recorded absolute paths; the upload must not publish them."""
+def _staged_texts(folder: Path, files: list[str], repo_id: str) -> dict[str, str]:
+    """{path relative to folder: text to upload instead of the file} for the files (of ``files``, the
+    allow-listed ones) a push rewrites: JSON configs that record a local path, and README.md (repo
+    id, and those paths made public). Older checkpoints recorded absolute paths; the upload must not
+    publish them."""
     texts, replaced = {}, {}
-    for path in sorted(folder.rglob("*.json")):
-        if path.is_file() and path.stat().st_size < 1_000_000:  # configs are small; skip data files
+    for path in (folder / rel for rel in files if rel.endswith(".json")):
+        if path.stat().st_size < 1_000_000:  # configs are small; skip data files
             text, found = _public_json(path)
             if text is not None:
                 texts[path.relative_to(folder).as_posix()] = text
                 replaced.update(found)
     card = folder / CARD_NAME
-    if card.is_file():
+    if CARD_NAME in files:
         text = card.read_text(encoding="utf-8")
         for recorded, public in sorted(replaced.items(), key=lambda kv: -len(kv[0])):  # longest first
             if re.search(r"[\\/]", recorded):  # a path; a bare name like "." must not be replaced everywhere
@@ -116,13 +119,12 @@ def _staged_texts(folder: Path, repo_id: str) -> dict[str, str]:
     return texts
 
 
-def _stage_for_upload(folder: Path, staging: Path, texts: dict[str, str]) -> None:
-    """Mirror ``folder`` into ``staging``: links to the files as they are, fresh files for ``texts``.
-    The upload reads the staging area, so the user's folder is never written to by a push."""
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file():
-            continue
-        rel = path.relative_to(folder).as_posix()
+def _stage_for_upload(folder: Path, staging: Path, files: list[str], texts: dict[str, str]) -> None:
+    """Mirror the allow-listed ``files`` of ``folder`` into ``staging``: links to the files as they
+    are, fresh files for ``texts``. The upload reads the staging area, so only those files go up and
+    the user's folder is never written to by a push."""
+    for rel in files:
+        path = folder / rel
         target = staging / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         if rel in texts:
@@ -228,37 +230,59 @@ def _push_error(err: Exception, stage: str, folder: Path, repo_id: str, endpoint
     return HubPushError(message, status_code=status)
 
 
-def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                revision: str | None = None, create_pr: bool = False, commit_message: str | None = None,
-                endpoint: str | None = None, timeout: float | None = None):
-    """Create ``repo_id`` if needed and upload a checkpoint folder; return the CommitInfo
-    (``.commit_url``, ``.oid``, ``.pr_url`` when ``create_pr``).
+class UploadFile(NamedTuple):
+    """One file a push uploads: its path in the repo and its size in bytes as uploaded."""
+    path: str
+    size: int
 
-    The repo id, the folder and ``timeout`` are checked before any request. What is uploaded is
-    a staging copy: the card names ``repo_id`` and no file records a local absolute path (see
-    public_base_model). Each request times out after ``timeout`` seconds (default
-    $DIFFUSERS_GAQ_PUSH_TIMEOUT or 60; hub_client_timeout). Network, HTTP and timeout failures
-    raise HubPushError and leave the folder byte-identical; after a successful push its README.md
-    is replaced by the card uploaded."""
+
+def upload_plan(folder: str | os.PathLike, repo_id: str) -> tuple[list[UploadFile], dict[str, str]]:
+    """(the files a push of ``folder`` to ``repo_id`` uploads, with their sizes; the texts it
+    uploads in place of some of them). Reads the folder only; warns about the skipped paths."""
     check_repo_id(repo_id)
     folder = Path(folder)
     _check_checkpoint_folder(folder)
+    selection = select_upload(folder)
+    warn_skipped(folder, selection.skipped)
+    texts = _staged_texts(folder, selection.upload, repo_id)
+    plan = [UploadFile(rel, len(texts[rel].encode("utf-8")) if rel in texts else (folder / rel).stat().st_size)
+            for rel in selection.upload]
+    return plan, texts
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                revision: str | None = None, create_pr: bool = False, commit_message: str | None = None,
+                endpoint: str | None = None, timeout: float | None = None, dry_run: bool = False):
+    """Create ``repo_id`` if needed and upload a checkpoint folder; return the CommitInfo
+    (``.commit_url``, ``.oid``, ``.pr_url`` when ``create_pr``). With ``dry_run=True`` nothing is
+    sent: the list of UploadFile (path, size) the push would upload is returned.
+
+    Only the checkpoint's own files are uploaded (upload_files.py: an allow-list; symbolic links,
+    hidden files and anything else are skipped with a warning that lists them). The repo id, the
+    folder and ``timeout`` are checked before any request. What is uploaded is a staging copy: the
+    card names ``repo_id`` and no file records a local absolute path (see public_base_model). Each
+    request times out after ``timeout`` seconds (default $DIFFUSERS_GAQ_PUSH_TIMEOUT or 60;
+    hub_client_timeout). Network, HTTP and timeout failures raise HubPushError and leave the folder
+    byte-identical; after a successful push its README.md is replaced by the card uploaded."""
+    folder = Path(folder)
     seconds = push_timeout(timeout)
-    texts = _staged_texts(folder, repo_id)
+    plan, texts = upload_plan(folder, repo_id)
+    if dry_run:
+        return plan
     # endpoint=None lets huggingface_hub resolve HF_ENDPOINT (or huggingface.co) itself.
     api = HfApi(endpoint=endpoint or None, token=token)
     network_errors = (httpx2.HTTPError, ConnectionError, TimeoutError)
     with tempfile.TemporaryDirectory(prefix="diffusers-gaq-push-") as tmp:
         staging = Path(tmp) / folder.resolve().name
-        _stage_for_upload(folder, staging, texts)
+        staging.mkdir()
+        _stage_for_upload(folder, staging, [f.path for f in plan], texts)
         stage = "create_repo"
         try:
             with hub_client_timeout(seconds):
                 api.create_repo(repo_id, private=private, exist_ok=True)
                 stage = "upload_folder"
                 info = api.upload_folder(folder_path=staging, repo_id=repo_id, revision=revision,
-                                         create_pr=create_pr, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
-                                         ignore_patterns=["**/.*.tmp", ".*.tmp"])
+                                         create_pr=create_pr, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE)
         except network_errors as err:
             raise _push_error(err, stage, folder, repo_id, api.endpoint, seconds) from err
     _keep_uploaded_card(folder, texts.get(CARD_NAME))
