@@ -237,6 +237,8 @@ def write_quantized_files(model, folder: Path, *, config: GradientAlignedQuantiz
 # ---- reading -----------------------------------------------------------------------------------
 def read_json(path: Path) -> dict:
     """A JSON file whose top level is an object (anything else is damage), as a dict."""
+    if path.exists() and not path.is_file():  # a folder, or a FIFO that would block the read forever
+        raise CheckpointError(f"{path} is not a regular file; restore it from the original save")
     try:
         return checks.verify_json_object(json.loads(path.read_text(encoding="utf-8")), path)
     except FileNotFoundError:
@@ -285,8 +287,9 @@ def build_base_model(qcfg: dict, folder: Path):
     model_cfg = read_json(model_cfg_path)
     base_name = qcfg.get("base_class", model_cfg.get("_class_name"))
     base = getattr(diffusers, base_name, None) if isinstance(base_name, str) else None
-    if not isinstance(base, type) or not hasattr(base, "from_config"):
-        raise CheckpointError(f"{folder / CONFIG_NAME}: unknown base class {base_name!r}")
+    if not isinstance(base, type) or not issubclass(base, diffusers.ModelMixin):
+        raise CheckpointError(f"{folder / CONFIG_NAME}: {base_name!r} is not a diffusers model class; the file was "
+                              "edited or is damaged: restore it from the original save")
     try:
         model = base.from_config(model_cfg)
         if type(model) is not base:

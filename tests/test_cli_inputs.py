@@ -95,3 +95,43 @@ def test_verbose_and_version_anywhere(capsys):
     assert parsed.verbose is True
     assert cli.build_parser().parse_args(["--verbose", "info", "x"]).verbose is True
     assert cli.build_parser().parse_args(["info", "x"]).verbose is False
+
+
+def test_settings_that_quantize_nothing_are_refused_before_sampling(tmp_path, capsys, no_sampling):
+    code, err = _run(["quantize", "reference", "--output", str(tmp_path / "o"), "--budget", "tiny",
+                      "--layer-precision", "*=fp"], capsys)
+    assert code == 1 and "nothing would be quantized" in err
+
+
+def test_push_timeout_beyond_a_day_is_refused(tmp_path, capsys):
+    code, err = _run(["push", str(tmp_path), "me/x", "--timeout", "1e308"], capsys)
+    assert code == 1 and "more than a day" in err
+
+
+def test_errors_without_text_name_their_type(capsys):
+    parser = cli.build_parser()
+    args = parser.parse_args(["info", "x"])
+    args.func = mock.Mock(side_effect=MemoryError())
+    with mock.patch.object(cli, "build_parser") as build:
+        build.return_value.parse_args.return_value = args
+        assert cli.main(["info", "x"]) == 1
+    assert capsys.readouterr().err.strip() == "error: MemoryError"
+
+
+def test_a_fifo_in_place_of_a_json_file_is_refused_not_waited_on(tmp_path):
+    import os
+
+    from diffusers_gaq.serialization import CheckpointError, read_json
+
+    fifo = tmp_path / "quantization_config.json"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        read_json(fifo)
+
+
+def test_a_base_class_that_is_not_a_model_is_refused(tmp_path):
+    from diffusers_gaq.serialization import CheckpointError, build_base_model
+
+    (tmp_path / "config.json").write_text('{"_class_name": "UNet2DModel"}')
+    with pytest.raises(CheckpointError, match="'DiffusionPipeline' is not a diffusers model class"):
+        build_base_model({"base_class": "DiffusionPipeline"}, tmp_path)

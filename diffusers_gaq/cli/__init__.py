@@ -52,7 +52,8 @@ def main(argv=None) -> int:
     except Exception as e:  # one line for users, the traceback with --verbose
         if args.verbose:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        # Some errors carry no text (a MemoryError): their type is the message.
+        print(f"error: {e}" if str(e) else f"error: {type(e).__name__}", file=sys.stderr)
         return 1
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 def cmd_info(args) -> int:
     from ..config import CONFIG_NAME
     from ..folders import quantized_model_dir
+    from ..checkpoint_checks import verify_quantization_config
+    from ..checkpoint_layout import FORMAT_VERSION
     from ..serialization import WEIGHTS_NAME, CheckpointError, read_json
     from ..weight_bits import checkpoint_weight_bits, precision_groups
 
@@ -17,7 +19,8 @@ def cmd_info(args) -> int:
     qfile = unet_dir / CONFIG_NAME
     if not qfile.is_file():
         raise CheckpointError(f"{qfile} is missing: {directory} is not a diffusers-gaq checkpoint")
-    qcfg = read_json(qfile)
+    # The structure checks of a load, so that a damaged file is named, not a missing key.
+    qcfg = verify_quantization_config(read_json(qfile), qfile, FORMAT_VERSION)
     layers = qcfg["layers"]
     bits = {}
     for entry in layers.values():

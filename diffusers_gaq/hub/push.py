@@ -151,6 +151,9 @@ def _keep_uploaded_card(folder: Path, card_text: str | None) -> None:
 
 
 # ---- timeouts ---------------------------------------------------------------------------------
+MAX_PUSH_TIMEOUT = 24 * 3600.0
+
+
 def push_timeout(timeout: float | None = None) -> float:
     """Seconds per Hub request: ``timeout`` if given, else $DIFFUSERS_GAQ_PUSH_TIMEOUT, else 60."""
     source = "timeout="
@@ -166,6 +169,8 @@ def push_timeout(timeout: float | None = None) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
             or timeout <= 0:
         raise ValueError(f"{source} {timeout!r} is not a positive number of seconds; pass e.g. 60")
+    if timeout > MAX_PUSH_TIMEOUT:  # the HTTP client and the OS refuse such waits only once the upload runs
+        raise ValueError(f"{source} {timeout!r} is more than a day; pass at most {MAX_PUSH_TIMEOUT:.0f} seconds")
     return float(timeout)
 
 

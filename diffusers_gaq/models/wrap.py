@@ -73,6 +73,12 @@ def check_layer_patterns(model: nn.Module, config: GradientAlignedQuantizer, fam
         for pattern in getattr(config, option):
             if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
                 raise ValueError(_unmatched_message(option, pattern, names, type(model).__name__))
+    first_last = set(family.first_last_layers(model)) if family is not None else set()
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if layers and all(resolve_precision(n, config, first_last) == (None, None) for n in layers):
+        raise ValueError(f"the precision settings keep all {len(layers)} Conv2d / Linear layers of this "
+                         f"{type(model).__name__} in full precision (keep_fp / layer_precision 'fp' / "
+                         "first_last_precision): nothing would be quantized; narrow the patterns")
 
 
 def _unmatched_message(option: str, pattern: str, names: list[str], model_class: str) -> str:
