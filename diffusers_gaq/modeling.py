@@ -38,7 +38,7 @@ from .load_options import check_save_options, check_torch_dtype, push_saved, ref
 from .quantized_forward import log_float32_compute, quantized_forward
 from .files import atomic_directory, atomic_write_text
 from .folders import check_new_or_empty, check_replaceable
-from .hub import CARD_NAME, REPO_ID_PLACEHOLDER, check_repo_id, public_base_model, push_quantized, write_model_card
+from .hub import CARD_NAME, card_for_pipeline_top, check_repo_id, public_base_model, push_quantized, write_model_card
 from .checkpoint_source import quantized_components, resolve_checkpoint
 from .models import family_for
 from .models.timestep_groups import TimestepGroups, install_timestep_groups
@@ -220,9 +220,6 @@ def mark_quantized(model: nn.Module, state: QuantizationState) -> nn.Module:
     return model
 
 
-PIPELINE_PLACEHOLDER_LINE = '.from_pretrained("path/to/saved-pipeline")  # a saved pipeline\'s folder or repo id'
-PIPELINE_REPO_LINE = f'.from_pretrained("{REPO_ID_PLACEHOLDER}")  # this repo\'s id, or a local copy of it'
-
 
 # ---- save ----------------------------------------------------------------------------------------
 def save_quantized(model, save_directory: str | os.PathLike, *, overwrite: bool = False,
@@ -268,10 +265,8 @@ def save_quantized_pipeline(pipe, save_directory: str | os.PathLike, *, overwrit
         for item in (tmp / component).iterdir():
             if item.suffix == ".png":
                 shutil.copy2(item, tmp / item.name)
-        # At the top of a pipeline, the card's pipeline snippet names this folder or repo: the
-        # placeholder that push fills with the repo id.
         card = (tmp / component / CARD_NAME).read_text(encoding="utf-8")
-        atomic_write_text(tmp / CARD_NAME, card.replace(PIPELINE_PLACEHOLDER_LINE, PIPELINE_REPO_LINE))
+        atomic_write_text(tmp / CARD_NAME, card_for_pipeline_top(card))
     return target
 
 

@@ -17,6 +17,7 @@ from helpers import reliability_config, snapshot, tiny_pipeline
 
 from diffusers_gaq import GradientAlignedQuantizer, cli, quantize_pipeline
 from diffusers_gaq.files import atomic_directory
+from diffusers_gaq.hub import COMPARISON_PNG, card_for_pipeline_top
 from diffusers_gaq.modeling import save_quantized_pipeline
 
 torch.set_num_threads(1)
@@ -206,7 +207,12 @@ def test_evaluate_update_card_keeps_the_report(qpipe, fp_folder, tmp_path, capsy
     report = json.loads((directory / "evaluation" / "evaluation.json").read_text())
     assert (directory / "evaluation" / "comparison.png").is_file()
     card = (directory / "README.md").read_text()
-    assert f"{report['models'][0]['psnr_db']:.2f}" in card and card == (directory / "unet" / "README.md").read_text()
+    assert f"{report['models'][0]['psnr_db']:.2f}" in card
+    assert card == card_for_pipeline_top((directory / "unet" / "README.md").read_text())
+    # The card shows this evaluation's FP vs quantized samples, copied beside it.
+    assert f"]({COMPARISON_PNG})" in card and "path/to/saved-pipeline" not in card
+    for folder in (directory, directory / "unet"):
+        assert (folder / COMPARISON_PNG).read_bytes() == (directory / "evaluation" / "comparison.png").read_bytes()
     assert (directory / "notes.txt").read_text() == "mine"
 
 

@@ -57,24 +57,26 @@ def cmd_evaluate(args) -> int:
         for directory, row in zip(directories, result.rows):
             # The card describes the saved model: written from its simulated form, which holds the layer table.
             qpipe = load_quantized_pipeline(str(directory), runtime="simulated")
-            _denoiser(qpipe).gaq_evaluation = result.card_entry(row)
-            _update_card(qpipe, directory)
+            _denoiser(qpipe).gaq_evaluation = dict(result.card_entry(row), image=True)
+            _update_card(qpipe, directory, report_dir / "comparison.png")
     print(f"report: {report_dir} (evaluation.md, evaluation.json, comparison.png: one row per model, FP first)")
     return 0
 
 
-def _update_card(qpipe, directory: Path) -> None:
-    """Rewrite the model card (and its plots) in place, file by file and atomically: saving the
-    whole pipeline again would replace the folder, and with it the report just written into it."""
-    from ..files import atomic_write_bytes
-    from ..files import check_writable_location
+def _update_card(qpipe, directory: Path, comparison: Path) -> None:
+    """Rewrite the model card (and its plots, and the FP vs quantized picture of this evaluation) in
+    place, file by file and atomically: saving the whole pipeline again would replace the folder, and
+    with it the report just written into it."""
+    from ..files import atomic_write_bytes, atomic_write_text
     from ..folders import quantized_model_dir
-    from ..hub import write_model_card
+    from ..hub import CARD_NAME, COMPARISON_PNG, card_for_pipeline_top, write_model_card
 
     denoiser_dir = quantized_model_dir(directory)
+    atomic_write_bytes(denoiser_dir / COMPARISON_PNG, comparison.read_bytes())
     card = write_model_card(_denoiser(qpipe), denoiser_dir)
     if denoiser_dir != directory:  # a pipeline keeps a copy of the card and plots at the top
         for item in denoiser_dir.iterdir():
-            if item.suffix in (".md", ".png"):
+            if item.suffix == ".png":
                 atomic_write_bytes(directory / item.name, item.read_bytes())
+        atomic_write_text(directory / CARD_NAME, card_for_pipeline_top(card.read_text(encoding="utf-8")))
     logger.info("updated the model card %s", card)

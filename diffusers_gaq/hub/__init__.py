@@ -2,10 +2,12 @@
 
 from .card import (
                    CARD_NAME,
+                   COMPARISON_PNG,
                    CONFLICT_PNG,
                    REPO_ID_PLACEHOLDER,
                    SAMPLE_WEIGHTS_PNG,
                    build_model_card,
+                   card_for_pipeline_top,
                    card_for_repo,
                    write_model_card,
 )
@@ -21,7 +23,7 @@ from .push import (
 )
 from .repo import REFERENCE_BASE_MODEL, check_repo_id, is_hub_id, public_base_model
 
-__all__ = ["CARD_NAME", "CONFLICT_PNG", "DEFAULT_PUSH_TIMEOUT", "PUSH_TIMEOUT_ENV", "REFERENCE_BASE_MODEL",
-           "REPO_ID_PLACEHOLDER", "SAMPLE_WEIGHTS_PNG", "HubPushError", "UploadFile", "build_model_card", "card_for_repo",
+__all__ = ["CARD_NAME", "COMPARISON_PNG", "CONFLICT_PNG", "DEFAULT_PUSH_TIMEOUT", "PUSH_TIMEOUT_ENV", "REFERENCE_BASE_MODEL",
+           "REPO_ID_PLACEHOLDER", "SAMPLE_WEIGHTS_PNG", "HubPushError", "UploadFile", "build_model_card", "card_for_pipeline_top", "card_for_repo",
            "check_repo_id", "hub_client_timeout", "is_hub_id", "public_base_model", "push_folder", "push_quantized",
            "push_timeout", "write_model_card"]

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
 SAMPLE_WEIGHTS_PNG = "sample_weights.png"
+COMPARISON_PNG = "fp_vs_quantized.png"  # written beside the card by `diffusers-gaq evaluate --update-card`
 CONFLICT_PNG = "gradient_conflict.png"
 PAPER_ARXIV = "2602.01289"
 # Stands for the repo id in a card written before the repo is known (a plain save_pretrained);
@@ -148,8 +149,10 @@ def _report_summary(report, config) -> dict | None:
 
 def _plots_for(report) -> dict[str, bool]:
     """Which plots a report supports; the card and write_model_card use the same rule."""
+    # Uniform weights draw as flat lines: a picture of nothing, so the card shows none.
     has_weights = bool(report is not None and report.train_timesteps is not None
-                       and any(u.omega is not None for u in report.units))
+                       and any(u.omega is not None and bool((u.omega != u.omega.reshape(-1)[0]).any())
+                               for u in report.units))
     has_conflict = bool(report is not None and any(u.conflict_before is not None or u.conflict_after is not None
                                                    for u in report.units))
     return {SAMPLE_WEIGHTS_PNG: has_weights, CONFLICT_PNG: has_conflict}
@@ -234,6 +237,7 @@ def build_model_card(model, base_model: str | None = None, license: str | None =
         fallback_units=[u for u in model.gaq_report.units if u.fallback] if model.gaq_report else [],
         evaluation_rows=_evaluation_rows(evaluation),
         evaluation_how=(evaluation or {}).get("how"),
+        comparison_png=COMPARISON_PNG if (evaluation or {}).get("image") else None,
         baseline_example=base_model or "google/ddpm-cifar10-32",
         sample_weights_png=SAMPLE_WEIGHTS_PNG if plots[SAMPLE_WEIGHTS_PNG] else None,
         conflict_png=CONFLICT_PNG if plots[CONFLICT_PNG] else None,
@@ -275,6 +279,16 @@ def write_model_card(model, folder: str | os.PathLike, *, repo_id: str | None = 
     path = folder / CARD_NAME
     atomic_write_text(path, text)
     return path
+
+
+# A pipeline's card sits at its top too, where the pipeline snippet names the pipeline itself: the
+# placeholder push fills with the repo id.
+PIPELINE_PLACEHOLDER_LINE = '.from_pretrained("path/to/saved-pipeline")  # a saved pipeline\'s folder or repo id'
+PIPELINE_REPO_LINE = f'.from_pretrained("{REPO_ID_PLACEHOLDER}")  # this repo\'s id, or a local copy of it'
+
+
+def card_for_pipeline_top(text: str) -> str:
+    return text.replace(PIPELINE_PLACEHOLDER_LINE, PIPELINE_REPO_LINE)
 
 
 # The usage snippet's repo id: `...from_pretrained("ID")  # this repo's id, ...` (see templates/model_card.md).
