@@ -23,6 +23,16 @@ from .info import cmd_info, cmd_push
 from .quantize import cmd_quantize
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default unless its help already says it (or there is none to show)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def positive_int(text: str) -> int:
     """argparse type of counts (images, steps, layers): a whole number >= 1, refused before any work."""
     try:
@@ -36,8 +46,7 @@ def positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..demo import QUICK_NUM_IMAGES, QUICK_STEPS
-    parser = argparse.ArgumentParser(prog="diffusers-gaq", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="diffusers-gaq", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--verbose", action="store_true", help="debug logging and full tracebacks")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     # --verbose after the command too; SUPPRESS keeps the top-level value when it is not given there.
@@ -46,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser = sub.add_parser
-    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common], **k)  # every command gets --verbose
+    # Every command gets --verbose and shows its defaults.
+    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common], formatter_class=_HelpFormatter, **k)
 
     q = sub.add_parser("quantize", help="calibrate and save a quantized pipeline")
     q.add_argument("model", help="'reference' (embedded Fashion-MNIST DDPM), a local pipeline folder, or a Hub id")
@@ -74,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample weights (default uniform; gradient_aligned learns them, the paper's method)")
     q.add_argument("--method", choices=["reconstruction", "minmax"])
     q.add_argument("--timestep-schedule", choices=["uniform", "normal"])
-    q.add_argument("--recon-iters", type=int)
-    q.add_argument("--meta-iters", type=int)
+    q.add_argument("--recon-iters", type=int, help="reconstruction iterations per block (overrides the budget's)")
+    q.add_argument("--meta-iters", type=int, help="meta steps of the sample weights (overrides the budget's)")
     q.add_argument("--grad-shards", type=int,
                    help="split every reconstruction minibatch into this many gradient shards, summed in a fixed "
                         "order: results are then bit-identical for 1..N processes (default: one per process)")
@@ -88,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--guidance-scale", type=float,
                    help="classifier-free guidance of the calibration trajectories (default: the pipeline's own, "
                         "4.0 DiT / 7.5 SD; 1 turns it off)")
-    q.add_argument("--seed", type=int)
+    q.add_argument("--seed", type=int, help="seed of the calibration trajectories and minibatches (default 0)")
     q.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     q.add_argument("--overwrite", action="store_true", help="replace an output folder that holds an earlier "
                    "quantized pipeline (and nothing else: a folder with other files or the input model is refused)")
@@ -103,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "pipeline: PSNR, SSIM, FID-ref for the reference, seconds per image, size)")
     e.add_argument("directory", nargs="+", help="one or more quantized pipeline folders of the same base model")
     e.add_argument("--baseline", help="FP pipeline: 'reference', a folder or a Hub id (default: the base model)")
-    e.add_argument("--num-images", type=positive_int, default=256)
-    e.add_argument("--num-inference-steps", type=positive_int, default=50)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--num-images", type=positive_int, default=256, help="images per model")
+    e.add_argument("--num-inference-steps", type=positive_int, default=50, help="DDIM steps per image")
+    e.add_argument("--seed", type=int, default=0, help="seed of the initial noise, the same for every model")
     e.add_argument("--class-labels", type=int, nargs="+", metavar="LABEL",
                    help="class-conditional and DiT pipelines: labels to sample, cycled (default: spread over every class)")
     e.add_argument("--prompt", action="append", metavar="TEXT",
@@ -121,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("push", help="upload a quantized pipeline folder to the Hub")
-    p.add_argument("directory")
-    p.add_argument("repo_id")
+    p.add_argument("directory", help="a folder saved by diffusers-gaq (pipeline or model)")
+    p.add_argument("repo_id", help="namespace/name on the Hub")
     p.add_argument("--private", action="store_true",
                    help="create the repo as private (an existing repo keeps its visibility)")
     p.add_argument("--token", help="a Hub token with write access; prefer the HF_TOKEN environment variable or "
@@ -139,14 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_push)
 
     i = sub.add_parser("info", help="what is inside a quantized checkpoint")
-    i.add_argument("directory")
+    i.add_argument("directory", help="a folder saved by diffusers-gaq (pipeline or model)")
     i.add_argument("--json", action="store_true", help="also print quantization_config.json")
     i.set_defaults(func=cmd_info)
 
     d = sub.add_parser("demo", help="quantize the embedded reference pipeline and compare with FP")
-    d.add_argument("--output", default="out/demo")
-    d.add_argument("--weight-bits", type=int, default=4)
-    d.add_argument("--act-bits", type=int, default=8)
+    d.add_argument("--output", default="out/demo", help="folder for the picture, the table and the checkpoint")
+    d.add_argument("--weight-bits", type=int, default=4, help="2-8")
+    d.add_argument("--act-bits", type=int, default=8, help="4-16, or 0 for weight-only")
     d.add_argument("--budget", choices=sorted(BUDGETS), default="quick",
                    help="quick (default: about 3 minutes on 2 CPU cores) or a calibration preset; demo is the "
                         "documented budget of docs/benchmarks.md")
@@ -170,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-images", action="store_true", help="noise-prediction error only (much faster)")
     s.add_argument("--top", type=positive_int, default=20, help="layers in the printed table and the plot (default 20)")
     s.add_argument("--budget", choices=["tiny", "demo"], default="tiny", help="calibration data budget")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the calibration data and images")
     s.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_sensitivity)
