@@ -17,6 +17,9 @@ def read_config_fields(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not UTF-8 text ({e}); save it as UTF-8 JSON") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except (RecursionError, ValueError) as e:  # nesting deeper than Python's stack; an integer of 4,300+ digits
+        raise ValueError(f"{path} cannot be read as a config ({type(e).__name__}: {e}); a config is one flat JSON "
+                         "object of GradientAlignedQuantizer fields") from None
     if isinstance(data, dict) and isinstance(data.get("config"), dict):
         data = data["config"]
     if not isinstance(data, dict):

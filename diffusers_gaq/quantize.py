@@ -87,6 +87,8 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
     device = resolve_device(config.device)
     if calibration_data is not None:
         calibration_data.check(*_channels_and_size(family, fp_model))
+    else:
+        check_calibration_data_fits(config, family, fp_model)
     # Under `accelerate launch` / torchrun every process runs this same function (DESIGN.md section 7):
     # trajectories and minibatches are split, parameters stay identical, the same pipeline is returned.
     dist = detect()
@@ -158,6 +160,20 @@ def _public_origin(pipe, fp_model) -> str | None:
     folder's name (hub.public_base_model). The model card, quantization_config.json and `evaluate`
     read it."""
     return public_base_model(getattr(pipe, "name_or_path", None) or getattr(fp_model.config, "_name_or_path", None))
+
+
+def check_calibration_data_fits(config, family, fp_model) -> None:
+    """Refuse, before sampling, calibration data larger than this machine's memory: the samples alone
+    (num_calibration_timesteps x samples_per_timestep float32 inputs) must fit."""
+    c, h, w = family.sample_shape(fp_model)
+    count = config.num_calibration_timesteps * config.samples_per_timestep
+    need = count * c * h * w * 4
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > total:
+        raise ValueError(f"samples_per_timestep={config.samples_per_timestep} x num_calibration_timesteps="
+                         f"{config.num_calibration_timesteps} calibration samples of {c}x{h}x{w} need at least "
+                         f"{need / 2**30:.1f} GiB, more than this machine's {total / 2**30:.1f} GiB of memory; "
+                         "lower samples_per_timestep")
 
 
 def _channels_and_size(family, model) -> tuple[int, tuple[int, int]]:

@@ -135,3 +135,21 @@ def test_a_base_class_that_is_not_a_model_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"_class_name": "UNet2DModel"}')
     with pytest.raises(CheckpointError, match="'DiffusionPipeline' is not a diffusers model class"):
         build_base_model({"base_class": "DiffusionPipeline"}, tmp_path)
+
+
+def test_calibration_data_larger_than_memory_is_refused_naming_the_field(tiny_pipe, no_sampling):
+    from diffusers_gaq import GradientAlignedQuantizer, quantize_pipeline
+
+    with pytest.raises(ValueError, match=r"samples_per_timestep=1000000000 .* more than this machine's"):
+        quantize_pipeline(tiny_pipe, GradientAlignedQuantizer(samples_per_timestep=10**9), progress=False)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"seed": ' + "9" * 5000 + "}"],
+                         ids=["deeply-nested", "5000-digit"])
+def test_an_unreadable_config_names_its_file(text, tmp_path):
+    from diffusers_gaq import GradientAlignedQuantizer
+
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=str(path)):
+        GradientAlignedQuantizer.from_json_file(path)
