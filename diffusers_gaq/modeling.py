@@ -35,7 +35,7 @@ from . import checkpoint_checks as checks
 from . import class_conditional_pipeline, lora
 from .config import CONFIG_NAME, GradientAlignedQuantizer
 from .load_options import check_save_options, check_torch_dtype, push_saved, refuse_loading_options
-from .quantized_forward import log_float32_compute, quantized_forward
+from .quantized_forward import HALF_DTYPES, log_float32_compute, quantized_forward
 from .files import atomic_directory, atomic_write_text
 from .folders import check_new_or_empty, check_replaceable
 from .hub import CARD_NAME, card_for_pipeline_top, check_repo_id, public_base_model, push_quantized, write_model_card
@@ -112,10 +112,12 @@ class QuantizedModelMixin:
 
     def to(self, *args, **kwargs):
         device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
-        if dtype is not None and dtype != torch.float32:
+        if dtype in HALF_DTYPES:
             log_float32_compute(self, dtype)
+            dtype = None
         # nn.Module.to, not diffusers' ModelMixin.to, which refuses any dtype for a quantized model.
-        moves = {k: v for k, v in dict(device=device, memory_format=memory_format).items() if v is not None}
+        moves = {k: v for k, v in dict(device=device, dtype=dtype, memory_format=memory_format).items()
+                 if v is not None}
         return nn.Module.to(self, non_blocking=non_blocking, **moves) if moves else self
 
     def half(self):

@@ -19,10 +19,13 @@ from .models.timestep_groups import set_timestep_groups
 logger = logging.getLogger(__name__)
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def to_float32(value):
-    """Floating tensors (also inside tuples, lists and dicts such as added_cond_kwargs) as float32."""
+    """Half-precision tensors (also inside tuples, lists and dicts such as added_cond_kwargs) as float32."""
     if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
+        return value.float() if value.dtype in HALF_DTYPES else value
     if isinstance(value, dict):
         return {k: to_float32(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -59,9 +62,10 @@ def quantized_forward(base_forward):
     @functools.wraps(base_forward)
     def forward(self, *args, **kwargs):
         dtype = input_dtype(args, kwargs)
-        if dtype != torch.float32:
+        half = dtype in HALF_DTYPES  # float32 and float64 (a float64 simulation) pass through as they are
+        if half:
             args, kwargs = to_float32(args), to_float32(kwargs)
         set_timestep_groups(self, args, kwargs)
         output = base_forward(self, *args, **kwargs)
-        return output if dtype == torch.float32 else cast_output(output, dtype)
+        return cast_output(output, dtype) if half else output
     return forward

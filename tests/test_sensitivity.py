@@ -142,8 +142,7 @@ def test_cli_runs_end_to_end(pipe, tmp_path, capsys):
 @pytest.mark.parametrize("args, expected", [
     (["--weight-bits", "1"], "weight_bits"),
     (["--act-bits", "3"], "act_bits"),
-    (["--top", "0"], "--top"),
-], ids=["weight-bits", "act-bits", "top"])
+], ids=["weight-bits", "act-bits"])
 def test_cli_bad_input_is_one_line_before_any_work(args, expected, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli.common, "load_pipeline", lambda model: pytest.fail("the model was loaded"))
     code = cli.main(["sensitivity", "reference", "--output", str(tmp_path / "o"), *args])
