@@ -168,6 +168,15 @@ def test_card_and_info_show_the_allocation(allocated, capsys):
     assert "mixed:        " + line in out and f"chosen by sensitivity: {chosen[0]}" in out
 
 
+def test_a_config_with_its_allocation_is_not_analysed_again(allocated, tiny_pipe, monkeypatch):
+    _, unet, _ = allocated
+    monkeypatch.setattr(mp, "analyze_sensitivity", lambda *a, **k: pytest.fail("the allocation was measured again"))
+    config = unet.gaq_config.replace(recon_iters=0)
+    again = quantize_pipeline(tiny_pipe, config, progress=False).unet.gaq_config
+    assert again.layer_precision == unet.gaq_config.layer_precision
+    assert again.allocated_layers == unet.gaq_config.allocated_layers
+
+
 # ---- refusals before any work -----------------------------------------------------------------------------
 @pytest.mark.parametrize("budget", [3.9, 8.5, float("nan"), True, "4.5"])
 def test_budgets_outside_weight_bits_to_8_are_refused(budget):
