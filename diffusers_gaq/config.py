@@ -23,6 +23,7 @@ from .precision import (  # noqa: F401
     WEIGHT_BITS_RANGE,
     parse_precision,
     precision_tag,
+    validate_precision_fields,
 )
 from .presets import BUDGETS  # noqa: F401
 
@@ -71,6 +72,10 @@ class GradientAlignedQuantizer:
         conv_out; DiT: the patch embedding and the output projection), "fp" by default, "same"
         for none. Precedence: keep_fp > layer_precision > first_last_precision > weight_bits /
         act_bits. A tag with activations applies even when act_bits is None (weight-only).
+        average_weight_bits: a budget of bits per quantized weight in [weight_bits, 8] (None: off);
+        quantize_pipeline measures per-layer weight sensitivity and raises the layers with the most
+        damage per added bit to 8 bits (mixed_precision.py), writing them as exact layer_precision
+        entries listed in allocated_layers. Explicit entries win and count toward the budget.
     Calibration data
         num_inference_steps of the DDIM trajectories; num_calibration_timesteps (S) kept per
         trajectory; samples_per_timestep (n); timestep_schedule "uniform" (fixed intervals) or
@@ -138,6 +143,8 @@ class GradientAlignedQuantizer:
     keep_fp: tuple[str, ...] = ()
     layer_precision: dict[str, str] = field(default_factory=dict)
     first_last_precision: str = FP_TAG
+    average_weight_bits: float | None = None
+    allocated_layers: tuple[str, ...] = ()  # written by quantize_pipeline: the layers the budget raised
 
     num_inference_steps: int = 50
     num_calibration_timesteps: int = 10
@@ -202,6 +209,8 @@ class GradientAlignedQuantizer:
     def __post_init__(self):
         if self.weighting is None:
             self.weighting = "uniform"
+        if isinstance(self.allocated_layers, list):  # JSON gives lists back
+            self.allocated_layers = tuple(self.allocated_layers)
         if isinstance(self.layer_precision, Mapping):
             self.layer_precision = dict(self.layer_precision)
         self._normalise_family_fields()
@@ -240,7 +249,7 @@ class GradientAlignedQuantizer:
                 self._fail(name, "True or False")
         if not isinstance(self.keep_fp, tuple) or not all(isinstance(p, str) and p for p in self.keep_fp):
             self._fail("keep_fp", "a list of non-empty module-name patterns")
-        self._validate_precision_fields()
+        validate_precision_fields(self)
         self._float("act_ema_momentum", 0.0, 1.0, hi_open=True)
         if not isinstance(self.timestep_aware_acts, tuple) or not all(isinstance(p, str) and p
                                                                       for p in self.timestep_aware_acts):
@@ -288,25 +297,6 @@ class GradientAlignedQuantizer:
         if self.weighting == "gradient_aligned" and self.method == "minmax":
             raise ValueError("weighting='gradient_aligned' needs method='reconstruction' "
                              "(min-max quantization has no calibration loss to weight); set weighting='uniform'")
-
-    def _validate_precision_fields(self) -> None:
-        if not isinstance(self.layer_precision, dict):
-            self._fail("layer_precision", "a mapping {module-name pattern: precision tag}")
-        for pattern, tag in self.layer_precision.items():
-            if not isinstance(pattern, str) or not pattern:
-                raise ValueError(f"GradientAlignedQuantizer.layer_precision: pattern {pattern!r} (tag {tag!r}) is "
-                                 "invalid: patterns are non-empty fnmatch strings of module names, e.g. "
-                                 "'down_blocks.0.*'")
-            try:
-                parse_precision(tag)
-            except ValueError as e:
-                raise ValueError(f"GradientAlignedQuantizer.layer_precision[{pattern!r}]: {e}") from None
-        if self.first_last_precision != SAME_TAG:
-            try:
-                parse_precision(self.first_last_precision)
-            except ValueError as e:
-                raise ValueError(f"GradientAlignedQuantizer.first_last_precision: {e}, or 'same' (no special "
-                                 "treatment)") from None
 
     def _normalise_family_fields(self) -> None:
         # JSON gives lists back; a single string is one prompt, a single int one label.
@@ -371,6 +361,7 @@ class GradientAlignedQuantizer:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["keep_fp"] = list(self.keep_fp)
+        d["allocated_layers"] = list(self.allocated_layers)
         d["timestep_aware_acts"] = list(self.timestep_aware_acts)
         d["layer_precision"] = dict(self.layer_precision)  # insertion order matters: first match wins
         d["quant_method"] = "gaq"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 WEIGHT_BITS_RANGE = (2, 8)
@@ -38,3 +39,50 @@ def precision_tag(weight_bits: int | None, act_bits: int | None) -> str:
     text = (f"w{weight_bits}" if weight_bits else "") + (f"a{act_bits}" if act_bits else "")
     return text or FP_TAG
 
+
+
+def validate_precision_fields(config) -> None:
+    """Check a GradientAlignedQuantizer's per-layer precision fields: layer_precision,
+    first_last_precision, and the mixed-precision budget (average_weight_bits, allocated_layers).
+    Raises ValueError naming the field and what it may hold."""
+    if not isinstance(config.layer_precision, dict):
+        raise ValueError(f"GradientAlignedQuantizer.layer_precision={config.layer_precision!r} is invalid: expected "
+                         "a mapping {module-name pattern: precision tag}")
+    for pattern, tag in config.layer_precision.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"GradientAlignedQuantizer.layer_precision: pattern {pattern!r} (tag {tag!r}) is "
+                             "invalid: patterns are non-empty fnmatch strings of module names, e.g. "
+                             "'down_blocks.0.*'")
+        try:
+            parse_precision(tag)
+        except ValueError as e:
+            raise ValueError(f"GradientAlignedQuantizer.layer_precision[{pattern!r}]: {e}") from None
+    if config.first_last_precision != SAME_TAG:
+        try:
+            parse_precision(config.first_last_precision)
+        except ValueError as e:
+            raise ValueError(f"GradientAlignedQuantizer.first_last_precision: {e}, or 'same' (no special "
+                             "treatment)") from None
+    _validate_budget(config)
+
+
+def _validate_budget(config) -> None:
+    """average_weight_bits lies in [weight_bits, 8]; allocated_layers (written by quantize_pipeline
+    once the budget is allocated) name layer_precision entries, and only with a budget."""
+    budget, allocated = config.average_weight_bits, config.allocated_layers
+    if budget is not None:
+        ok = isinstance(budget, (int, float)) and not isinstance(budget, bool) and math.isfinite(budget)
+        if not ok or not config.weight_bits <= budget <= WEIGHT_BITS_RANGE[1]:
+            raise ValueError(f"GradientAlignedQuantizer.average_weight_bits={budget!r} is invalid: expected None or "
+                             f"a number in [weight_bits={config.weight_bits}, {WEIGHT_BITS_RANGE[1]}] (average bits "
+                             "per quantized weight; layers are raised to 8 bits to spend what lies above weight_bits)")
+    if not isinstance(allocated, tuple) or not all(isinstance(n, str) and n for n in allocated):
+        raise ValueError(f"GradientAlignedQuantizer.allocated_layers={allocated!r} is invalid: expected a list of "
+                         "module names")
+    if allocated and budget is None:
+        raise ValueError("GradientAlignedQuantizer.allocated_layers is set without average_weight_bits: it records "
+                         "the layers a budget allocation raised; set average_weight_bits or leave it empty")
+    missing = [n for n in allocated if n not in config.layer_precision]
+    if missing:
+        raise ValueError(f"GradientAlignedQuantizer.allocated_layers names {missing} without a layer_precision "
+                         "entry of the same name: the allocation is written as exact layer_precision entries")

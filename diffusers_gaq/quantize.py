@@ -18,6 +18,7 @@ from .config import GradientAlignedQuantizer
 from .distributed import detect, unit_sync_check
 from .hub import public_base_model
 from .load_options import check_save_options, push_saved
+from .mixed_precision import allocate_by_sensitivity, check_mixed_precision
 from .modeling import QuantizationState, mark_quantized, save_quantized_pipeline
 from .models import denoiser_of, rebuild_pipeline
 from .models import supported_pipelines as _supported_pipelines
@@ -75,6 +76,11 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
     Everything that can be checked (config, pipeline, device, data, checkpoint) is checked before
     any sampling. See docs/reliability.md.
 
+    ``config.average_weight_bits``: a budget of bits per quantized weight, allocated after the
+    calibration data is collected by a weight-only sensitivity analysis on that data
+    (mixed_precision.py); the returned model's config holds the allocation as exact layer_precision
+    entries and lists them in ``allocated_layers``.
+
     ``base_model``: where the FP model came from (a Hub id), for the model card and
     quantization_config.json; by default the pipeline's ``name_or_path``. Only its publishable
     form is recorded (hub.public_base_model: a Hub id, "reference", or a folder's name).
@@ -84,6 +90,7 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
     family, component, fp_model = check_pipeline(pipe)  # the denoiser is found here, once
     check_layer_patterns(fp_model, config, family)  # a mistyped pattern is refused before any sampling
     check_finite_weights(fp_model, component)
+    check_mixed_precision(fp_model, config, family)  # a budget the explicit entries exceed, before sampling
     device = resolve_device(config.device)
     if calibration_data is not None:
         calibration_data.check(*_channels_and_size(family, fp_model))
@@ -117,6 +124,8 @@ def quantize_pipeline(pipe, config: GradientAlignedQuantizer | None = None, *,
         if checkpoint is not None and resumed.data is None:
             checkpoint.save_data(calibration_data, data_seconds)
 
+        # The budget's allocation becomes explicit layer_precision entries, so the saved config needs no re-analysis.
+        config = allocate_by_sensitivity(pipe, config, calibration_data, progress=progress)
         wrap = wrap_model(model, config, family)
         logger.info("wrapped %d layers (%d kept FP, %d split inputs, %d attention cores)", len(wrap.layer_bits),
                     len(wrap.kept_fp), len(wrap.split_layers), len(wrap.attention))

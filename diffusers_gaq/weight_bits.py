@@ -11,7 +11,7 @@ from pathlib import Path
 from safetensors import safe_open
 from torch import nn
 
-from .config import CONFIG_NAME, FP_TAG, precision_tag
+from .config import CONFIG_NAME, FP_TAG, parse_precision, precision_tag
 from .quant.layers import QuantLayer
 from .quant.packing import packed_nbytes
 from .runtime import IntegerLayer
@@ -29,6 +29,7 @@ class WeightBits:
     fp_weights: int = 0
     total_bits: int = 0
     packed_bytes: int = 0  # bytes of the packed codes (as stored in gaq.weight_codes)
+    quantized_bits: int = 0  # the integer codes' bits alone
 
     def add(self, numel: int, bits: int | None, fp_bits: int) -> None:
         if bits is None:
@@ -37,12 +38,19 @@ class WeightBits:
         else:
             self.quantized_weights += numel
             self.total_bits += numel * bits
+            self.quantized_bits += numel * bits
             self.packed_bytes += packed_nbytes(numel, bits)
 
     @property
     def bits_per_weight(self) -> float:
         total = self.quantized_weights + self.fp_weights
         return self.total_bits / total if total else 0.0
+
+    @property
+    def average_quantized_bits(self) -> float:
+        """Bits per quantized weight, full-precision layers left out: what
+        GradientAlignedQuantizer.average_weight_bits budgets."""
+        return self.quantized_bits / self.quantized_weights if self.quantized_weights else 0.0
 
 
 def model_weight_bits(model) -> WeightBits:
@@ -108,3 +116,15 @@ def format_precision_groups(groups: dict[str, list[str]], max_names: int = 4) ->
         parts.append(f"{tag}: {', '.join(names)}" if len(names) <= max_names else f"{tag}: {len(names)} layers")
     return "; ".join(parts)
 
+
+
+def format_allocation(budget: float | None, allocated, layer_precision: dict, storage: WeightBits) -> str | None:
+    """One line on a measured mixed-precision allocation, None without a budget: "4.49 average weight
+    bits (budget 4.5), 6 layers at 8 bits chosen by sensitivity: a, b, ..."."""
+    if budget is None:
+        return None
+    widths = sorted({parse_precision(layer_precision[name])[0] for name in allocated})
+    at = "/".join(str(w) for w in widths) or "higher"
+    chosen = f"{len(allocated)} layer{'s' if len(allocated) != 1 else ''} at {at} bits chosen by sensitivity"
+    return (f"{storage.average_quantized_bits:.2f} average weight bits (budget {budget:g}), {chosen}"
+            + (f": {', '.join(allocated)}" if allocated else ""))

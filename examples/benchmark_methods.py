@@ -143,6 +143,12 @@ def run(args) -> None:
                     report = getattr(qpipe.unet, "gaq_report", None)
                     if report is not None:
                         row["data_digest"] = report.data_digest  # pairs the methods of one seed
+                        config = qpipe.unet.gaq_config
+                        if config.average_weight_bits is not None:  # mixed precision by measurement
+                            from diffusers_gaq.weight_bits import model_weight_bits
+
+                            row["allocated_layers"] = list(config.allocated_layers)
+                            row["average_weight_bits"] = model_weight_bits(qpipe.unet).average_quantized_bits
                         row["meta_seconds"] = sum(u.meta_seconds for u in report.units)
                         row["val_loss_final"] = float(np.mean([u.val_loss_final for u in report.units]))
                         omegas = torch.stack([u.omega for u in report.units])

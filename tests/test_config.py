@@ -142,7 +142,8 @@ NON_DEFAULT = dict(weight_bits=3, act_bits=None, weight_granularity="per_tensor"
                    act_range_init="mse", timestep_aware_acts=("conv_in", "*time_emb_proj"), act_timestep_groups=4,
                    split_shortcut=False, quantize_attention=False, keep_fp=("conv_out", "time_embedding.*"),
                    layer_precision={"up_blocks.*": "w8", "down_blocks.0.*": "a8", "mid_block.*": "fp"},
-                   first_last_precision="w8a16", num_inference_steps=100, num_calibration_timesteps=20, samples_per_timestep=3,
+                   first_last_precision="w8a16", average_weight_bits=3.5, allocated_layers=("up_blocks.*",),
+                   num_inference_steps=100, num_calibration_timesteps=20, samples_per_timestep=3,
                    timestep_schedule="normal", calibration_batch_size=7, method="minmax", recon_iters=11,
                    recon_batch_size=5, weight_lr=0.1234567890123, act_lr=0.0, round_reg_weight=1e-3,
                    round_warmup=0.0, beta_start=1e3, beta_end=0.5, grad_shards=5, keep_rtn_if_no_gain=True, weighting="uniform", val_fraction=0.25,
@@ -298,6 +299,10 @@ def valid_kwargs(draw):
     for name in BOOL_FIELDS:
         kw[name] = draw(st.booleans())
     kw["grad_shards"] = draw(st.none() | st.integers(1, kw["recon_batch_size"]))
+    kw["average_weight_bits"] = draw(st.none() | st.floats(kw["weight_bits"], 8.0))
+    kw["allocated_layers"] = () if kw["average_weight_bits"] is None else tuple(
+        draw(st.lists(st.sampled_from(sorted(kw["layer_precision"]) or ["-"]), max_size=2, unique=True)) if
+        kw["layer_precision"] else ())
     for name in ("gradient_matching", "inner_step", "omega_granularity"):
         kw[name] = draw(st.sampled_from(CHOICES[name]))
     if kw["inner_step"] == "relative":  # inner_lr is then a fraction of each tensor's norm
@@ -390,6 +395,9 @@ def one_invalid(draw):
         "guidance_scale": (st.floats(max_value=0.0, exclude_max=True, allow_nan=False, allow_infinity=False)
                            | st.booleans() | st.text(max_size=3) | st.just(float("nan")) | st.just(float("inf"))),
     }
+    bad["average_weight_bits"] = (st.floats(8.0, exclude_min=True, allow_nan=False) | st.floats(max_value=1.99)
+                                  | st.just(float("nan")) | st.booleans() | st.text(max_size=3))
+    bad["allocated_layers"] = st.lists(st.just("") | st.integers(), min_size=1, max_size=2).map(tuple)
     for name in CHOICES:
         bad[name] = _bad_choice(name)
     bad["weighting"] = bad["weighting"].filter(lambda v: v is not None)  # None: the method's own default

@@ -45,6 +45,7 @@ def build_config(args):
         "device": args.device, "recon_iters": args.recon_iters, "meta_iters": args.meta_iters,
         "grad_shards": args.grad_shards, "act_range_init": args.act_range_init,
         "act_timestep_groups": args.act_timestep_groups,
+        "average_weight_bits": args.average_weight_bits,
         "class_labels": args.class_labels, "calibration_prompts": args.prompt, "guidance_scale": args.guidance_scale,
     }
     base.update({k: v for k, v in overrides.items() if v is not None})

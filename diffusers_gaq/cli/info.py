@@ -12,7 +12,7 @@ def cmd_info(args) -> int:
     from ..checkpoint_checks import verify_quantization_config
     from ..checkpoint_layout import FORMAT_VERSION
     from ..serialization import WEIGHTS_NAME, CheckpointError, read_json
-    from ..weight_bits import checkpoint_weight_bits, precision_groups
+    from ..weight_bits import checkpoint_weight_bits, format_allocation, precision_groups
 
     directory = Path(args.directory)
     unet_dir = quantized_model_dir(directory)  # a whole pipeline keeps it in unet/ or transformer/
@@ -42,6 +42,10 @@ def cmd_info(args) -> int:
         print(f"  {tag:<10} {len(names):>4} layer{'s' if len(names) != 1 else ' '}  {shown}")
     print(f"bits/weight:  {storage.bits_per_weight:.2f} effective ({storage.quantized_weights} quantized weights in "
           f"{storage.packed_bytes / 2**20:.2f} MiB of packed codes, {storage.fp_weights} weights in full precision)")
+    allocation = format_allocation(cfg.get("average_weight_bits"), cfg.get("allocated_layers", []),
+                                   cfg.get("layer_precision", {}), storage)
+    if allocation:
+        print(f"mixed:        {allocation}")
     print(f"weights file: {size / 2**20:.2f} MiB")
     print(f"activations:  ranges by {cfg.get('act_range_init', 'ema')}" + (
         f", timestep-aware ({len(qcfg['timestep_groups']['timesteps'])} calibrated timesteps in "

@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--first-last-precision", metavar="TAG",
                    help="precision of the first and last layers (UNets: conv_in, conv_out; DiT: patch embedding, "
                         "output projection): a tag as above, default fp; 'same' treats them like the others")
+    q.add_argument("--average-weight-bits", type=float, metavar="BITS",
+                   help="budget of average bits per quantized weight, between --weight-bits and 8: a weight-only "
+                        "sensitivity analysis on the calibration data picks the layers raised to 8 bits (explicit "
+                        "--layer-precision entries win and count toward it)")
     q.add_argument("--act-range-init", choices=["ema", "ema_shuffled", "minmax", "percentile", "mse"],
                    help="how activation ranges are initialised over the calibration inputs")
     q.add_argument("--timestep-aware", action="append", metavar="PATTERN",

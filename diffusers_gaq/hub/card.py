@@ -18,7 +18,7 @@ from ..config import parse_precision
 from ..files import atomic_write_text
 from ..models import family_for
 from ..serialization import layer_table
-from ..weight_bits import format_precision_groups, model_weight_bits, precision_groups
+from ..weight_bits import format_allocation, format_precision_groups, model_weight_bits, precision_groups
 from .repo import is_hub_id, public_base_model
 
 logger = logging.getLogger(__name__)
@@ -229,6 +229,9 @@ def build_model_card(model, base_model: str | None = None, license: str | None =
         bits_rows=_bits_rows(model),
         precision_summary=_precision_summary(model),
         weight_bits=model_weight_bits(model),
+        allocation=format_allocation(config.average_weight_bits, config.allocated_layers, config.layer_precision,
+                                     model_weight_bits(model)),
+        weight_bits_default=config.weight_bits,
         attention=list(wrap.attention) if wrap and config.quantize_attention else [],
         split_layers=len(wrap.split_layers) if wrap else 0,
         kept_fp=list(wrap.kept_fp) if wrap else [],
