@@ -22,8 +22,9 @@ diffusers an empty state dict in the third, so nothing is loaded twice and no ke
 missing. diffusers resolves ``quant_method`` only in that registry, which exists only in the process
 that imported diffusers_gaq: without the import, diffusers itself refuses the folder with
 "Unknown quantization type, got diffusers_gaq" (its message, which we cannot change), which is still
-never silently wrong. ``device_map``, a torch_dtype other than float32 and sharded checkpoints are
-refused with a message naming ``QuantizedUNet2DModel.from_pretrained``. From the Hub, diffusers fetches
+never silently wrong. ``device_map`` and sharded checkpoints are refused with a message naming
+``QuantizedUNet2DModel.from_pretrained``; a float16 / bfloat16 torch_dtype loads the model computing in
+float32 (quantized_forward.py). From the Hub, diffusers fetches
 only config.json and the weights, not quantization_config.json: the quantizer fetches it (and the
 calibration report) from the same commit into the same cache snapshot before loading.
 """
