@@ -25,6 +25,20 @@ def quantized_components(index: dict) -> list[str]:
             if isinstance(entry, list) and len(entry) == 2 and entry[0] == COMPONENT_LIBRARY]
 
 
+def saved_quantized_components(folder: Path) -> list[str]:
+    """The quantized components of the pipeline saved in ``folder`` (none without a model_index.json)."""
+    index = Path(folder) / "model_index.json"
+    return quantized_components(read_json(index)) if index.is_file() else []
+
+
+def fetch_missing_files(folder: Path) -> None:
+    """diffusers' loaders fetch only config.json and the weights of a model folder from the Hub: a
+    cached snapshot gets the rest of the checkpoint from the same commit. Other folders are left as
+    they are."""
+    if not (folder / CONFIG_NAME).is_file():
+        fetch_beside(folder, [CONFIG_NAME], [REPORT_JSON, REPORT_TENSORS])
+
+
 def _pick_component(index: dict, where: str) -> str:
     """The quantized component of a saved pipeline: loading a pipeline folder or repo as a model
     loads its one quantized denoiser, as the model card's snippet does."""
@@ -58,9 +72,7 @@ def resolve_checkpoint(path_or_repo: str | os.PathLike, subfolder: str | None = 
         folder = path / subfolder if subfolder else path
         if subfolder is None and not (folder / CONFIG_NAME).is_file() and (folder / "model_index.json").is_file():
             folder = folder / _pick_component(read_json(folder / "model_index.json"), str(folder))
-        if not (folder / CONFIG_NAME).is_file():
-            # A Hub snapshot diffusers downloaded (config.json and weights only): the rest, same commit.
-            fetch_beside(folder, [CONFIG_NAME], [REPORT_JSON, REPORT_TENSORS])
+        fetch_missing_files(folder)
         return folder
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the checkpoint folder")

@@ -58,7 +58,7 @@ with _quiet("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torc
     from diffusers.quantizers.base import DiffusersQuantizer
     from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
-from .checkpoint_layout import COMPONENT_LIBRARY, QUANT_METHOD, REPORT_JSON, REPORT_TENSORS, config_json_entry
+from .checkpoint_layout import COMPONENT_LIBRARY, QUANT_METHOD, config_json_entry
 from .config import CONFIG_NAME
 from .load_options import QUANTIZE_ON_LOAD_REFUSAL, check_torch_dtype
 
@@ -124,12 +124,9 @@ def register() -> None:
                 raise _loader_error(f"a sharded or in-memory checkpoint ({len(checkpoint_files)} files) cannot be read "
                                     "here", self.quantization_config.load_with)
             folder = files[0].parent
-            if not (folder / CONFIG_NAME).is_file():
-                # From the Hub diffusers fetched config.json and the weights only: fetch the rest of the
-                # checkpoint from the same commit into the same cache snapshot.
-                from .hub.repo import fetch_beside
+            from .checkpoint_source import fetch_missing_files
 
-                fetch_beside(folder, [CONFIG_NAME], [REPORT_JSON, REPORT_TENSORS])
+            fetch_missing_files(folder)
             if not (folder / CONFIG_NAME).is_file():
                 raise _loader_error(f"{folder} has no {CONFIG_NAME} next to the weights (diffusers fetches only "
                                     "config.json and the weights from the Hub)", self.quantization_config.load_with)

@@ -38,6 +38,7 @@ from .checkpoint_layout import (
 from .config import CONFIG_NAME, GradientAlignedQuantizer, sorted_fields
 from .file_digests import FILES_DIGEST_FIELD, check_files_digest_field, files_digests, verify_files_digests
 from .files import atomic_save_safetensors, atomic_write_text
+from .models.plain import base_class
 from .quant.layers import QuantLayer
 from .quant.packing import pack_bits, packed_nbytes, unpack_bits
 from .quant.quantizers import ActQuantizer
@@ -46,10 +47,6 @@ from .runtime import is_integer_runtime
 logger = logging.getLogger(__name__)
 
 
-
-def _base_class(model) -> type:
-    """The diffusers class a quantized model extends (``QuantizedUNet2DModel`` -> ``UNet2DModel``)."""
-    return getattr(type(model), "diffusers_base_class", type(model))
 
 # Per-layer quantizer tensors are stored as a few flat tensors: a checkpoint of a small model
 # with one entry per tiny tensor spends more bytes on the safetensors JSON header than on scales.
@@ -203,7 +200,7 @@ def write_quantized_files(model, folder: Path, *, config: GradientAlignedQuantiz
     caller makes it publishable (hub.public_base_model), since a push uploads this file."""
     state = quantized_state_dict(model)
     cfg = dict(model.config)
-    base = _base_class(model)
+    base = base_class(model)
     cfg["_class_name"] = base.__name__
     # Makes `<Base>.from_pretrained(folder)` load the quantized model, or refuse: never FP-looking weights.
     cfg["quantization_config"] = config_json_entry(base.__name__)

@@ -150,24 +150,20 @@ def _check_model_id(model: str) -> None:
 
 def check_not_quantized(model: str) -> None:
     """The input of `quantize` must be an FP pipeline, not one diffusers-gaq saved."""
-    from ..checkpoint_source import quantized_components
-    from ..serialization import read_json
+    from ..checkpoint_source import saved_quantized_components
 
-    index = Path(model) / "model_index.json"
-    if model != REFERENCE and index.is_file() and quantized_components(read_json(index)):
+    if model != REFERENCE and saved_quantized_components(Path(model)):
         raise CLIError(f"{model} is a quantized pipeline already (saved by diffusers-gaq); quantize the FP pipeline "
                        "it came from (`diffusers-gaq info` names its base model)")
 
 
 def check_quantized(folder: Path) -> None:
     """The input of `evaluate` must be a pipeline diffusers-gaq saved."""
-    from ..checkpoint_source import quantized_components
-    from ..serialization import read_json
+    from ..checkpoint_source import saved_quantized_components
 
-    index = folder / "model_index.json"
     if not folder.is_dir():
         raise CLIError(f"no folder {folder}")
-    if not index.is_file() or not quantized_components(read_json(index)):
+    if not saved_quantized_components(folder):
         raise CLIError(f"{folder} is not a quantized pipeline (no model_index.json naming a diffusers-gaq component); "
                        "quantize it first: diffusers-gaq quantize MODEL --output FOLDER, then evaluate FOLDER")
 

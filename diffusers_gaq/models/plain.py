@@ -12,8 +12,8 @@ import copy
 
 from torch import nn
 
-from ..quant.layers import QuantLayer
 from .attention import QuantAttnProcessor
+from .wrap import quant_layers
 
 _GAQ_ATTRIBUTES = ("quantization",)  # the calibration state a Quantized* model carries
 
@@ -21,10 +21,6 @@ _GAQ_ATTRIBUTES = ("quantization",)  # the calibration state a Quantized* model 
 def base_class(model: nn.Module) -> type:
     """The diffusers class under our ``Quantized*`` subclass (the model's own class if it has none)."""
     return getattr(type(model), "diffusers_base_class", type(model))
-
-
-def quantized_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, QuantLayer)]
 
 
 def quantized_attention(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -40,7 +36,7 @@ def plain_copy(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Modul
     deepcopy's memo (which returns the memoised object instead of copying it), so a wrapper's
     float weight is never duplicated; ``model`` itself is left unchanged.
     """
-    layers = quantized_layers(model)
+    layers = quant_layers(model)
     missing = [name for name, _ in layers if name not in replacements]
     if missing:
         raise ValueError(f"no replacement for the quantized layers {missing[:5]}")

@@ -13,7 +13,8 @@ from optimum.quanto.nn import QModuleMixin
 from torch import nn
 
 from ..models.attention import QuantAttnProcessor
-from ..models.plain import plain_copy, quantized_attention, quantized_layers
+from ..models.plain import plain_copy, quantized_attention
+from ..models.wrap import quant_layers
 from ..quant.layers import QuantLayer
 from ..runtime import is_integer_runtime
 from .layers import _ACT_BITS, _ACT_SYMMETRIC_ZERO_POINT, _WEIGHT_QTYPES, _channel_view, to_quanto_module
@@ -172,7 +173,7 @@ def export_to_quanto(quantized_unet: nn.Module, *, activations: bool = True) -> 
     if is_integer_runtime(quantized_unet):
         raise ValueError("the model runs on diffusers-gaq's integer runtime; export the simulated model instead: "
                          "Quantized<Class>.from_pretrained(path, runtime='simulated')")
-    layers = quantized_layers(quantized_unet)
+    layers = quant_layers(quantized_unet)
     attention = quantized_attention(quantized_unet)
     if not layers:
         raise ValueError(f"{type(quantized_unet).__name__} has no quantized layers (QuantConv2d / QuantLinear): "

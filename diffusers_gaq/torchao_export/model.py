@@ -18,7 +18,8 @@ from torch import nn
 
 from ..files import atomic_directory
 from ..folders import check_new_or_empty
-from ..models.plain import plain_copy, quantized_attention, quantized_layers
+from ..models.plain import plain_copy, quantized_attention
+from ..models.wrap import quant_layers
 from ..runtime import is_integer_runtime
 from .tensors import intx_weight
 
@@ -104,7 +105,7 @@ def export_to_torchao(quantized_model: nn.Module) -> nn.Module:
     if is_integer_runtime(quantized_model):
         raise ValueError("the model runs on diffusers-gaq's integer runtime; export the simulated model instead: "
                          "Quantized<Class>.from_pretrained(path, runtime='simulated')")
-    layers = quantized_layers(quantized_model)
+    layers = quant_layers(quantized_model)
     if not layers:
         raise ValueError(f"{type(quantized_model).__name__} has no quantized layers: quantize it with "
                          "diffusers_gaq.quantize_pipeline() first")
@@ -131,7 +132,7 @@ def save_torchao_pipeline(pipe, save_directory: str | os.PathLike, *, overwrite:
     other components as diffusers saves them, atomically. Stock diffusers loads the folder with
     ``DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)`` (torchao installed)."""
     component = next((name for name, value in pipe.components.items()
-                      if isinstance(value, nn.Module) and quantized_layers(value)), None)
+                      if isinstance(value, nn.Module) and quant_layers(value)), None)
     if component is None:
         raise TypeError(f"the {type(pipe).__name__} holds no quantized denoiser; quantize it with "
                         "diffusers_gaq.quantize_pipeline() or load a quantized folder with runtime='simulated'")
