@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +33,12 @@ from torch import nn
 from . import checkpoint_checks as checks
 from . import class_conditional_pipeline, lora
 from .config import CONFIG_NAME, GradientAlignedQuantizer
+from .checkpoint_source import quantized_components, resolve_checkpoint
+from .files import atomic_directory
+from .folders import check_new_or_empty, check_replaceable
+from .hub import check_repo_id, copy_card_to_pipeline_top, public_base_model, push_quantized, write_model_card
 from .load_options import check_save_options, check_torch_dtype, push_saved, refuse_loading_options
 from .quantized_forward import HALF_DTYPES, log_float32_compute, quantized_forward
-from .files import atomic_directory, atomic_write_text
-from .folders import check_new_or_empty, check_replaceable
-from .hub import CARD_NAME, card_for_pipeline_top, check_repo_id, public_base_model, push_quantized, write_model_card
-from .checkpoint_source import quantized_components, resolve_checkpoint
 from .models import family_for
 from .models.timestep_groups import TimestepGroups, install_timestep_groups
 from .models.wrap import WrapReport, set_quant_state, wrap_model
@@ -264,11 +263,7 @@ def save_quantized_pipeline(pipe, save_directory: str | os.PathLike, *, overwrit
     check_replaceable(target, pipeline=True)  # overwrite=True replaces an earlier save of ours, nothing else
     with atomic_directory(target) as tmp:
         type(pipe).save_pretrained(pipe, tmp)  # the class's save: the instance's may be bind_pipeline_save's
-        for item in (tmp / component).iterdir():
-            if item.suffix == ".png":
-                shutil.copy2(item, tmp / item.name)
-        card = (tmp / component / CARD_NAME).read_text(encoding="utf-8")
-        atomic_write_text(tmp / CARD_NAME, card_for_pipeline_top(card))
+        copy_card_to_pipeline_top(tmp / component, tmp)
     return target
 
 

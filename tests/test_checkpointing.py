@@ -329,8 +329,8 @@ def held_folder(tmp_path):
 
 def test_a_second_run_on_a_held_folder_is_refused_naming_the_first(tiny_pipe, held_folder, capsys, no_sampling,
                                                                   no_loading):
-    """Two runs on one folder (seeds 0 and 1 started together) used to both finish, leaving one
-    run's data beside the other's state; the second is refused, naming the first one's pid."""
+    """Two runs on one folder would leave one run's data beside the other's state: while the first holds
+    the folder, the second is refused, naming the first one's pid."""
     folder, holder = held_folder
     before = snapshot(folder)
     for resume in (False, True):

@@ -422,7 +422,7 @@ def test_property_one_invalid_field_refused_by_name(case):
 
 
 def test_a_pattern_field_set_to_one_string_after_construction_is_one_pattern():
-    """`config.keep_fp = "conv_in"` used to be taken one character at a time ('c', 'o', ...)."""
+    """`config.keep_fp = "conv_in"` is the pattern "conv_in", not its characters ('c', 'o', ...)."""
     config = GradientAlignedQuantizer()
     config.keep_fp = "conv_in"
     config.timestep_aware_acts = ["conv_in", "*time_emb_proj"]

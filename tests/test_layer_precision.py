@@ -206,8 +206,8 @@ def test_unknown_pattern_is_refused_with_a_hint(small_unet):
     ("timestep_aware_acts", ("nomatch*",)),
 ])
 def test_every_pattern_field_refuses_a_pattern_that_matches_nothing(small_unet, option, value):
-    """One rule for every pattern field: keep_fp used to warn and timestep_aware_acts to ignore the
-    pattern silently (the weights byte-identical to a run without it)."""
+    """One rule for every pattern field: a pattern that matches nothing is refused, never warned about
+    or silently ignored."""
     config = GradientAlignedQuantizer(**{option: value, "act_timestep_groups": 2} if option == "timestep_aware_acts"
                                       else {option: value})
     with pytest.raises(ValueError, match=rf"{option} pattern 'nomatch\*' .*matches no") as e:

@@ -67,16 +67,13 @@ def _update_card(qpipe, directory: Path, comparison: Path) -> None:
     """Rewrite the model card (and its plots, and the FP vs quantized picture of this evaluation) in
     place, file by file and atomically: saving the whole pipeline again would replace the folder, and
     with it the report just written into it."""
-    from ..files import atomic_write_bytes, atomic_write_text
+    from ..files import atomic_write_bytes
     from ..folders import quantized_model_dir
-    from ..hub import CARD_NAME, COMPARISON_PNG, card_for_pipeline_top, write_model_card
+    from ..hub import COMPARISON_PNG, copy_card_to_pipeline_top, write_model_card
 
     denoiser_dir = quantized_model_dir(directory)
     atomic_write_bytes(denoiser_dir / COMPARISON_PNG, comparison.read_bytes())
     card = write_model_card(_denoiser(qpipe), denoiser_dir)
-    if denoiser_dir != directory:  # a pipeline keeps a copy of the card and plots at the top
-        for item in denoiser_dir.iterdir():
-            if item.suffix == ".png":
-                atomic_write_bytes(directory / item.name, item.read_bytes())
-        atomic_write_text(directory / CARD_NAME, card_for_pipeline_top(card.read_text(encoding="utf-8")))
+    if denoiser_dir != directory:
+        copy_card_to_pipeline_top(denoiser_dir, directory)
     logger.info("updated the model card %s", card)

@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .. import plots
 from ..config import parse_precision
-from ..files import atomic_write_text
+from ..files import atomic_write_bytes, atomic_write_text
 from ..models import family_for
 from ..serialization import layer_table
 from ..weight_bits import format_allocation, format_precision_groups, model_weight_bits, precision_groups
@@ -292,6 +292,16 @@ PIPELINE_REPO_LINE = f'.from_pretrained("{REPO_ID_PLACEHOLDER}")  # this repo\'s
 
 def card_for_pipeline_top(text: str) -> str:
     return text.replace(PIPELINE_PLACEHOLDER_LINE, PIPELINE_REPO_LINE)
+
+
+def copy_card_to_pipeline_top(component_dir: Path, top: Path) -> None:
+    """A saved pipeline keeps a copy of its quantized component's card and plots at its top, file by
+    file and atomically (a save does it in its temporary folder, a card update in place)."""
+    for item in component_dir.iterdir():
+        if item.suffix == ".png":
+            atomic_write_bytes(top / item.name, item.read_bytes())
+    text = (component_dir / CARD_NAME).read_text(encoding="utf-8")
+    atomic_write_text(top / CARD_NAME, card_for_pipeline_top(text))
 
 
 # The usage snippet's repo id: `...from_pretrained("ID")  # this repo's id, ...` (see templates/model_card.md).
